@@ -1,0 +1,147 @@
+"""Round reports: markdown summary, selection statistics and plots, from plain arrays and dicts.
+
+The flows publish these as Prefect artifacts and write the same files under the run's workdir.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+STAGE_ORDER = ("generate", "score", "embed", "select", "reflogps", "train", "evaluate", "promote")
+
+
+def selection_stats(prompt_offsets: np.ndarray, rewards: np.ndarray, roles: np.ndarray) -> dict[str, float]:
+    """Per-round selection statistics. offsets (P+1,), rewards (R,), roles (R,) of '', 'chosen', 'rejected'."""
+    lengths = np.diff(prompt_offsets)
+    selected = roles != ""
+    chosen, rejected = roles == "chosen", roles == "rejected"
+    pool_of = np.repeat(np.arange(len(lengths)), lengths)  # (R,) prompt index of each row
+    with_group = np.zeros(len(lengths), bool)
+    with_group[pool_of[chosen]] = True
+    spread = _per_prompt_span(prompt_offsets, rewards)
+    return {
+        "selection/prompts": float(len(lengths)),
+        "selection/prompts_with_group": float(with_group.sum()),
+        "selection/responses": float(len(rewards)),
+        "selection/selected": float(selected.sum()),
+        "selection/pool_reward_mean": _mean(rewards),
+        "selection/chosen_reward_mean": _mean(rewards[chosen]),
+        "selection/rejected_reward_mean": _mean(rewards[rejected]),
+        "selection/pool_reward_span_mean": _mean(spread),
+    }
+
+
+def _per_prompt_span(offsets: np.ndarray, rewards: np.ndarray) -> np.ndarray:
+    nonempty = np.diff(offsets) > 0
+    starts = offsets[:-1][nonempty]
+    if len(starts) == 0:
+        return np.zeros(0)
+    return np.maximum.reduceat(rewards, starts) - np.minimum.reduceat(rewards, starts)
+
+
+def _mean(x: np.ndarray) -> float:
+    return float(np.mean(x)) if len(x) else float("nan")
+
+
+def markdown_summary(run: str, round_: int, stages: dict[str, dict], stats: dict[str, float], decision: dict | None) -> str:
+    """A short markdown report of one round: stage timings and counts, selection statistics, gate decision."""
+    lines = [f"# Run `{run}`, round {round_}", "", "| stage | status | seconds | counts |", "|---|---|---|---|"]
+    total = 0.0
+    for name in STAGE_ORDER:
+        rec = stages.get(name)
+        if rec is None:
+            lines.append(f"| {name} | not run | | |")
+            continue
+        seconds = float(rec.get("seconds") or 0.0)
+        total += seconds
+        counts = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted((rec.get("counts") or {}).items()))
+        lines.append(f"| {name} | {rec.get('status', '?')} | {seconds:.1f} | {counts} |")
+    lines += [f"| total | | {total:.1f} | |", "", "## Selection", "", "| statistic | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in stats.items()]
+    lines += ["", "## Gate decision", ""]
+    if decision is None:
+        lines.append("not decided (the round did not reach the promote stage)")
+    else:
+        lines.append(f"**{'promoted' if decision.get('passed') else 'rejected'}**")
+        lines += [f"- {reason}" for reason in decision.get("reasons", [])]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def plot_reward_distribution(pool_rewards: np.ndarray, selected_rewards: np.ndarray, path: Path) -> Path:
+    """Histogram of the rewards of the whole pool against the selected responses."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = np.histogram_bin_edges(np.concatenate([pool_rewards, selected_rewards]) if len(pool_rewards) else [0, 1], 20)
+    ax.hist(pool_rewards, bins=bins, alpha=0.5, density=True, label=f"pool ({len(pool_rewards)})")
+    ax.hist(selected_rewards, bins=bins, alpha=0.6, density=True, label=f"selected ({len(selected_rewards)})")
+    ax.set(xlabel="reward", ylabel="density", title="Reward distribution: pool vs selected")
+    ax.legend()
+    return _save(fig, path)
+
+
+def project_2d(vectors: np.ndarray) -> np.ndarray:
+    """Principal-component projection to 2-D. (R, d) -> (R, 2); deterministic sign (largest loading positive)."""
+    centered = vectors - vectors.mean(axis=0, keepdims=True)
+    if len(vectors) < 2:
+        return np.zeros((len(vectors), 2))
+    _, _, vt = np.linalg.svd(centered, full_matrices=False)
+    comps = vt[:2]
+    signs = np.sign(comps[np.arange(len(comps)), np.abs(comps).argmax(axis=1)])
+    out = centered @ (comps * signs[:, None]).T
+    return np.pad(out, ((0, 0), (0, 2 - out.shape[1])))
+
+
+def plot_embedding_map(vectors: np.ndarray, prompt_idx: np.ndarray, roles: np.ndarray, path: Path) -> Path:
+    """2-D map of a few prompts' response embeddings; chosen as stars, rejected as crosses, the rest as dots."""
+    plt = _pyplot()
+    xy = project_2d(vectors)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for p in np.unique(prompt_idx):
+        color = f"C{int(p) % 10}"
+        for role, marker, size in (("", "o", 12), ("rejected", "x", 50), ("chosen", "*", 160)):
+            m = (prompt_idx == p) & (roles == role)
+            ax.scatter(xy[m, 0], xy[m, 1], c=color, marker=marker, s=size, alpha=0.45 if role == "" else 1.0)
+    ax.set(title="Response embeddings (PCA): * chosen, x rejected", xlabel="PC1", ylabel="PC2")
+    return _save(fig, path)
+
+
+def plot_rounds(metrics: list[dict], path: Path) -> Path:
+    """Evaluation metrics across rounds: mean reward of the candidate and the champion, and the win rate."""
+    plt = _pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    rounds = [m["round"] for m in metrics]
+    a.plot(rounds, [m.get("champion_reward") for m in metrics], "o-", label="champion")
+    a.plot(rounds, [m.get("candidate_reward") for m in metrics], "s--", label="candidate")
+    a.set(xlabel="round", ylabel="mean eval reward", title="Reward by round")
+    a.legend()
+    b.plot(rounds, [m.get("win_rate") for m in metrics], "o-")
+    b.axhline(0.5, color="grey", lw=0.8)
+    b.set(xlabel="round", ylabel="win rate vs champion", title="Head-to-head", ylim=(0, 1))
+    return _save(fig, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    fig.clf()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
