@@ -1,0 +1,63 @@
+"""One writer per run: an exclusive lock file held while a round of that run is in progress.
+
+A second flow run of the same run id waits up to `wait_s` seconds, then refuses with a message naming the holder.
+The lock is an OS-level `flock`, so it is released when the holder exits or is killed; it protects one machine
+(or one shared POSIX filesystem). Runs spread over several machines need a Prefect global concurrency limit per
+run id instead (see README, scale path).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from ampo.config import validate_run_id
+
+
+class RunLockedError(RuntimeError):
+    """Another process holds the run."""
+
+
+@contextmanager
+def run_lock(workdir: str | Path, run: str, *, wait_s: float = 0.0, poll_s: float = 0.5):
+    """Hold the lock of `run` for the duration of the block."""
+    validate_run_id(run)
+    path = Path(workdir) / "locks" / f"{run}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        _acquire(fd, path, run, wait_s, poll_s)
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        yield holder
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def _acquire(fd: int, path: Path, run: str, wait_s: float, poll_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise RunLockedError(
+                    f"run {run!r} is in progress elsewhere (holder: {_holder(path)}); waited {wait_s:g}s. "
+                    "Wait for it to finish, or pass a longer wait."
+                ) from None
+            time.sleep(poll_s)
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return "unknown"
+    return f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')}"
