@@ -1,0 +1,329 @@
+"""Group losses: hand-computed values, the DPO special case, gradients against the closed form (REFA Lemma 3),
+invariances, skipped groups, variable group sizes, dtypes and extreme magnitudes (spec section 6)."""
+
+import math
+
+import pytest
+import torch
+
+from ampo.losses import (
+    LOSSES,
+    GroupBatch,
+    ampo_loss,
+    best_member_mask,
+    dpo_loss,
+    eos_regularizer,
+    group_is_trainable,
+    group_loss,
+    infonca_loss,
+    mean_split_mask,
+    mpo_loss,
+    simpo_loss,
+    top_bottom_masks,
+    trainable_groups,
+)
+
+T = torch.tensor
+
+
+def close(a, b, tol=1e-4):
+    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32),
+                               atol=tol, rtol=tol)
+
+
+# ----------------------------------------------------------------------------- hand-computed values
+
+
+def test_dpo_hand_values():
+    # policy - ref margins: chosen [0, .1, -.9], rejected [0, -9.9, -20.9] -> logits [0, 10, 20];
+    # beta = 0.1 -> loss = log1p(exp(-[0, 1, 2])) = [0.6931, 0.3133, 0.1269]
+    loss = dpo_loss(T([0.0, 0.1, -0.9]), T([0.0, -9.9, -20.9]), T([0.0, 0, 0]), T([0.0, 0, 0]), beta=0.1)
+    close(loss, [0.6931, 0.3133, 0.1269])
+
+
+def test_simpo_hand_value():
+    # beta (c - r - gamma/beta) = 10 (-1.0 + 1.2 - 0.3) = -1 -> -log sigmoid(-1) = log(1 + e) = 1.31326
+    close(simpo_loss(T([-1.0]), T([-1.2]), beta=10.0, gamma_beta_ratio=0.3), [1.31326])
+
+
+def test_mpo_hand_values_per_weight_mode():
+    # s = policy - ref = [1, 0, -1], beta = 1, Y+ = {0}.
+    # none: z = [1, 0, -1]; LSE = log(e + 1 + 1/e) = log(4.08616) = 1.40761; L = 1.40761 - 1 = 0.40761
+    # rewards [4, 2, 0]: r_bar = 2, d = [2, 0, -2], alpha = 0.25:
+    # signed: z = s + [.5, 0, -.5] = [1.5, 0, -1.5]; L = log(4.48169 + 1 + 0.22313) - 1.5 = 1.74131 - 1.5 = 0.24131
+    # abs:    z = s + [.5, 0, .5]  = [1.5, 0, -0.5]; L = log(4.48169 + 1 + 0.60653) - 1.5 = 1.80636 - 1.5 = 0.30636
+    # pow 2:  z = s + .25 [4, 0, 4] = [2, 0, 0];     L = log(7.38906 + 1 + 1) - 2 = 2.23954 - 2 = 0.23954
+    policy, ref, rewards, chosen = T([[1.0, 0, -1]]), T([[0.0, 0, 0]]), T([[4.0, 2, 0]]), T([[True, False, False]])
+    close(mpo_loss(policy, ref, rewards, chosen, beta=1.0), [0.40761])
+    close(mpo_loss(policy, ref, rewards, chosen, beta=1.0, alpha=0.25, weight_mode="signed"), [0.24131])
+    close(mpo_loss(policy, ref, rewards, chosen, beta=1.0, alpha=0.25, weight_mode="abs"), [0.30636])
+    close(mpo_loss(policy, ref, rewards, chosen, beta=1.0, alpha=0.25, weight_mode="pow", p=2), [0.23954])
+
+
+def test_ampo_hand_value_gamma_3():
+    # lp_bar = [-1.0, -1.1, -1.2], beta = 10 -> s = [-10, -11, -12], one positive (index 0):
+    # L = log(1 + 3 * (exp(-1) + exp(-2))) = log(1 + 3 * 0.503215) = log(2.509644) = 0.92014
+    loss = ampo_loss(T([[-1.0, -1.1, -1.2]]), T([[0.9, 0.1, 0.0]]), T([[True, False, False]]), beta=10.0, gamma=3.0)
+    close(loss, [0.92014])
+    # gamma = 1 removes the negative-set weight: log(1 + 0.503215) = 0.40761 (the MPO value above, shifted by -11)
+    close(ampo_loss(T([[-1.0, -1.1, -1.2]]), T([[0.9, 0.1, 0.0]]), T([[True, False, False]]), gamma=1.0), [0.40761])
+
+
+def test_ampo_alpha_placement():
+    # rewards [1, 0, -1] -> d = [1, 0, -1]; lp = [0, 0, 0]; beta = 2, alpha = 0.5, gamma = 1:
+    # main text: s = 2*0 + .5 d = [.5, 0, -.5];  L = log(e^.5 + 1 + e^-.5) - .5 = log(3.25525) - .5 = 0.68024
+    # inside:    s = 2 (0 + .5 d) = [1, 0, -1];  L = 0.40761
+    args = (T([[0.0, 0, 0]]), T([[1.0, 0, -1]]), T([[True, False, False]]))
+    close(ampo_loss(*args, beta=2.0, gamma=1.0, alpha=0.5), [math.log(math.exp(0.5) + 1 + math.exp(-0.5)) - 0.5])
+    close(ampo_loss(*args, beta=2.0, gamma=1.0, alpha=0.5, alpha_inside_beta=True), [0.40761])
+
+
+def test_infonca_hand_value():
+    # z = beta (policy - ref) = [1, 0, -1]; target = softmax(r / alpha) with r = [ln 2, 0, 0] -> [.5, .25, .25]
+    # L = LSE(z) - sum(target * z) = 1.40761 - (0.5 - 0.25) = 1.15761
+    loss = infonca_loss(T([[1.0, 0, -1]]), T([[0.0, 0, 0]]), T([[math.log(2), 0, 0]]), beta=1.0, alpha=1.0)
+    close(loss, [1.15761])
+
+
+def test_eos_regularizer_hand_values():
+    # lengths [10, 4, 7] -> target 10, shortfall [0, 6, 3]; lam = .5:
+    # group_max: .5 (.1*0 + .2*6 + .3*3) = .5 * 2.1 = 1.05;  none: .5 (.1 + .2 + .3) = 0.3
+    # the 4th member is invalid: its length 100 and probability must not count
+    probs, lengths = T([[0.1, 0.2, 0.3, 0.9]]), T([[10, 4, 7, 100]])
+    valid = T([[True, True, True, False]])
+    close(eos_regularizer(probs, lengths, valid, lam=0.5), [1.05])
+    close(eos_regularizer(probs, lengths, valid, lam=0.5, target="none"), [0.3])
+
+
+# ----------------------------------------------------------------------------- partitions
+
+
+def test_mean_split_ties_go_to_rejected():
+    # mean of [1, 2, 3, 6] is 3: only 6 is above it, 3 (equal to the mean) is rejected
+    assert mean_split_mask(T([[1.0, 2, 3, 6]])).tolist() == [[False, False, False, True]]
+    # all equal: nobody above the mean -> the group is not trainable (spec 2.2)
+    chosen = mean_split_mask(T([[0.1, 0.1, 0.1]]))
+    assert chosen.tolist() == [[False, False, False]] and not group_is_trainable(chosen).item()
+    # invalid members do not enter the mean: valid [1, 2] -> mean 1.5
+    assert mean_split_mask(T([[1.0, 2, 100]]), T([[True, True, False]])).tolist() == [[False, True, False]]
+
+
+def test_top_bottom_masks():
+    # ascending: .1 (2), .3 (4), .5 (0), .7 (3), .9 (1): top-2 {1, 3}, bottom-2 {2, 4}, median 0 dropped
+    chosen, keep = top_bottom_masks(T([[0.5, 0.9, 0.1, 0.7, 0.3]]))
+    assert chosen.tolist() == [[False, True, False, True, False]]
+    assert keep.tolist() == [[False, True, True, True, True]]
+    # all tied: the stable ascending order is 0..4, so bottom {0, 1}, top {3, 4}
+    chosen, keep = top_bottom_masks(T([[1.0, 1, 1, 1, 1]]))
+    assert chosen.tolist() == [[False, False, False, True, True]] and keep[0, 2].item() is False
+    # an invalid (NaN) member is never picked: valid 5(0), 1(2), 3(3), 2(4), 4(5)
+    chosen, keep = top_bottom_masks(T([[5.0, float("nan"), 1, 3, 2, 4]]), T([[True, False, True, True, True, True]]))
+    assert chosen.tolist() == [[True, False, False, False, False, True]]
+    assert keep.tolist() == [[True, False, True, False, True, True]]
+    with pytest.raises(ValueError, match="2\\*m valid members"):
+        top_bottom_masks(T([[1.0, 2, 3]]), m=2)
+
+
+def test_top_bottom_loss_recomputes_mean_on_kept_set():
+    # spec A15: with keep as valid_mask the loss equals the loss on the 4 kept members alone
+    rewards, policy = T([[0.0, 10, 1, 9, 2]]), T([[-3.0, -1, -4, -2, -5]])
+    chosen, keep = top_bottom_masks(rewards)
+    loss = mpo_loss(policy, torch.zeros_like(policy), rewards, chosen, beta=1.0, alpha=0.5, weight_mode="signed",
+                    valid_mask=keep)
+    idx = keep[0].nonzero().flatten()
+    compact = mpo_loss(policy[:, idx], torch.zeros(1, 4), rewards[:, idx], chosen[:, idx], beta=1.0, alpha=0.5,
+                       weight_mode="signed")
+    close(loss, compact, tol=1e-6)
+
+
+def test_best_member_mask_first_of_ties():
+    assert best_member_mask(T([[0.1, 0.9, 0.5, 0.9]])).tolist() == [[False, True, False, False]]
+    assert best_member_mask(T([[0.1, 9.0, 0.5]]), T([[True, False, True]])).tolist() == [[False, False, True]]
+
+
+# ----------------------------------------------------------------------------- spec section 6 properties
+
+
+def test_mpo_with_two_members_equals_dpo():
+    torch.manual_seed(0)
+    pc, pr, rc, rr = (torch.randn(6) * 20 - 100 for _ in range(4))
+    policy, ref = torch.stack([pc, pr], 1), torch.stack([rc, rr], 1)  # (6, 2): member 0 chosen
+    chosen = T([[True, False]]).expand(6, 2)
+    close(mpo_loss(policy, ref, torch.randn(6, 2), chosen, beta=0.1), dpo_loss(pc, pr, rc, rr, beta=0.1), tol=1e-5)
+
+
+def _closed_form_grad(z, pos, valid, log_gamma=0.0):
+    """dL/dz = softmax_Y(z + log γ 1[Y-]) - 1[Y+] softmax_{Y+}(z): REFA Lemma 3; γ shifts the negatives' logits."""
+    shifted = torch.where(pos, z, z + log_gamma)
+    p_all = torch.softmax(torch.where(valid, shifted, -math.inf), -1)
+    p_pos = torch.softmax(torch.where(pos, z, -math.inf), -1)
+    return p_all - pos.float() * p_pos
+
+
+def test_mpo_gradient_matches_closed_form():
+    torch.manual_seed(1)
+    z = torch.randn(4, 5, requires_grad=True)
+    pos = T([[1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [0, 1, 0, 1, 0], [1, 0, 1, 0, 1]]).bool()
+    mpo_loss(z, torch.zeros(4, 5), torch.zeros(4, 5), pos, beta=1.0).sum().backward()
+    close(z.grad, _closed_form_grad(z.detach(), pos, torch.ones(4, 5, dtype=torch.bool)), tol=1e-6)
+    assert (z.grad[pos] < 0).all() and (z.grad[~pos] > 0).all()  # positives pushed up, negatives down
+
+
+def test_ampo_gradient_matches_closed_form_with_gamma():
+    # L = log(P + γN) - log P: dL/ds_i = γ^{1[i in Y-]} e^{s_i} / (P + γN) - 1[i in Y+] e^{s_i} / P
+    torch.manual_seed(2)
+    lp = torch.randn(3, 6, requires_grad=True)
+    pos = torch.zeros(3, 6, dtype=torch.bool)
+    pos[:, 0] = True
+    valid = T([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 0, 1, 1, 1]]).bool()
+    ampo_loss(lp, torch.zeros(3, 6), pos, beta=1.0, gamma=3.0, valid_mask=valid).sum().backward()
+    expected = torch.where(valid, _closed_form_grad(lp.detach(), pos, valid, math.log(3.0)), 0.0)
+    close(lp.grad, expected, tol=1e-6)
+
+
+@pytest.mark.parametrize("weight_mode", ["none", "signed", "abs", "pow"])
+def test_mpo_shift_invariance(weight_mode):
+    torch.manual_seed(3)
+    policy, ref, rewards = torch.randn(3, 4) * 5, torch.randn(3, 4) * 5, torch.randn(3, 4)
+    chosen = mean_split_mask(rewards)
+    kw = dict(beta=0.5, alpha=0.7, weight_mode=weight_mode, p=2)
+    base = mpo_loss(policy, ref, rewards, chosen, **kw)
+    close(mpo_loss(policy + 123.0, ref, rewards, chosen, **kw), base, tol=1e-5)  # z + const
+    close(mpo_loss(policy, ref, rewards - 40.0, chosen, **kw), base, tol=1e-5)  # rewards + const
+
+
+def test_ampo_and_infonca_shift_invariance():
+    torch.manual_seed(4)
+    lp, rewards = torch.randn(3, 5) - 2, torch.randn(3, 5)
+    chosen = best_member_mask(rewards)
+    base = ampo_loss(lp, rewards, chosen, alpha=1.0)
+    close(ampo_loss(lp - 7.0, rewards + 3.0, chosen, alpha=1.0), base, tol=1e-4)
+    ref = torch.randn(3, 5)
+    base = infonca_loss(lp, ref, rewards, beta=2.0, alpha=0.5)
+    close(infonca_loss(lp + 9.0, ref, rewards - 2.0, beta=2.0, alpha=0.5), base, tol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mpo", "ampo"])
+def test_skipped_groups_give_zero_loss_and_gradient(name):
+    # group 0 has both sets; group 1 has no chosen member; group 2 has no rejected member
+    lp = torch.randn(3, 3, requires_grad=True)
+    chosen = T([[True, False, False], [False, False, False], [True, True, True]])
+    loss = (mpo_loss(lp, torch.zeros(3, 3), torch.zeros(3, 3), chosen, beta=1.0) if name == "mpo"
+            else ampo_loss(lp, torch.zeros(3, 3), chosen))
+    loss.sum().backward()
+    assert group_is_trainable(chosen).tolist() == [True, False, False]
+    assert loss[0] > 0 and loss[1:].tolist() == [0.0, 0.0]
+    assert lp.grad[0].abs().sum() > 0 and lp.grad[1:].abs().sum() == 0 and torch.isfinite(lp.grad).all()
+
+
+@pytest.mark.parametrize("name", ["mpo", "ampo", "infonca"])
+def test_garbage_invalid_members_change_nothing(name):
+    torch.manual_seed(5)
+    lp, ref, rewards = torch.randn(2, 3) - 3, torch.randn(2, 3) - 3, torch.randn(2, 3)
+    chosen = best_member_mask(rewards)
+
+    def run(lp, ref, rewards, chosen, valid):
+        lp = lp.clone().requires_grad_(True)
+        fns = {
+            "mpo": lambda: mpo_loss(lp, ref, rewards, chosen, beta=2.0, alpha=0.5, weight_mode="abs",
+                                    valid_mask=valid),
+            "ampo": lambda: ampo_loss(lp, rewards, chosen, alpha=0.5, valid_mask=valid),
+            "infonca": lambda: infonca_loss(lp, ref, rewards, valid, beta=2.0),
+        }
+        loss = fns[name]()
+        loss.sum().backward()
+        return loss.detach(), lp.grad
+
+    base_loss, base_grad = run(lp, ref, rewards, chosen, None)
+    junk = T([[float("nan"), float("inf")], [1e30, -float("inf")]])  # 2 garbage members per group
+    pad = lambda x, fill: torch.cat([x, fill], dim=1)  # noqa: E731
+    valid = pad(torch.ones(2, 3, dtype=torch.bool), torch.zeros(2, 2, dtype=torch.bool))
+    loss, grad = run(pad(lp, junk), pad(ref, junk), pad(rewards, junk), pad(chosen, T([[True, True]] * 2)), valid)
+    close(loss, base_loss, tol=1e-6)
+    close(grad[:, :3], base_grad, tol=1e-6)
+    assert grad[:, 3:].tolist() == [[0.0, 0.0], [0.0, 0.0]]
+
+
+def test_bf16_inputs_are_computed_in_fp32():
+    torch.manual_seed(6)
+    lp, rewards = (torch.randn(4, 8) - 1).bfloat16(), torch.randn(4, 8).bfloat16()
+    chosen = best_member_mask(rewards)
+    out = ampo_loss(lp, rewards, chosen, alpha=1.0)
+    assert out.dtype == torch.float32
+    close(out, ampo_loss(lp.float(), rewards.float(), chosen, alpha=1.0), tol=1e-6)  # same rounded inputs
+    policy, ref = (torch.randn(4, 8) * 30 - 300).bfloat16(), (torch.randn(4, 8) * 30 - 300).bfloat16()
+    close(mpo_loss(policy, ref, rewards, chosen, beta=0.1),
+          mpo_loss(policy.float(), ref.float(), rewards.float(), chosen, beta=0.1), tol=1e-6)
+
+
+def test_large_beta_and_logps_stay_finite():
+    # lp_bar = [-500, -500.1, -500.2], beta = 100: s differences [0, -10, -20];
+    # L = log(1 + 3 (e^-10 + e^-20)) = 1.36197e-4 (raw exp(-50000) would be 0/0)
+    lp = T([[-500.0, -500.1, -500.2]], requires_grad=True)
+    loss = ampo_loss(lp, T([[1.0, 0, 0]]), T([[True, False, False]]), beta=100.0)
+    loss.sum().backward()
+    close(loss, [1.36197e-4], tol=2e-3)
+    assert torch.isfinite(lp.grad).all()
+    # MPO on summed log-probs ~ -500 with beta = 100: z = 100 [-1, -5, 10] = [-100, -500, 1000]
+    policy = T([[-500.0, -510, -520]], requires_grad=True)
+    loss = mpo_loss(policy, T([[-499.0, -505, -530]]), T([[1.0, 0, 0]]), T([[True, False, False]]), beta=100.0)
+    loss.sum().backward()
+    # L = LSE(-100, -500, 1000) - (-100) = 1000 + 100 = 1100 (up to e^-1100)
+    close(loss, [1100.0], tol=1e-6)
+    assert torch.isfinite(policy.grad).all()
+
+
+# ----------------------------------------------------------------------------- registry and errors
+
+
+def _batch(chosen):
+    torch.manual_seed(7)
+    b, m = chosen.shape
+    return GroupBatch(policy_logps_sum=torch.randn(b, m) * 10 - 50, policy_logps_mean=torch.randn(b, m) - 1,
+                      rewards=torch.randn(b, m), chosen_mask=chosen, valid_mask=torch.ones(b, m, dtype=torch.bool),
+                      ref_logps_sum=torch.randn(b, m) * 10 - 50)
+
+
+def test_registry_entries_and_adapters():
+    assert sorted(LOSSES) == ["ampo", "dpo", "infonca", "mpo", "simpo"]
+    assert {n: (s.needs_ref, s.logps) for n, s in LOSSES.items()} == {
+        "dpo": (True, "sum"), "simpo": (False, "mean"), "mpo": (True, "sum"), "ampo": (False, "mean"),
+        "infonca": (True, "sum")}
+    batch = _batch(T([[False, True], [True, False]]))  # chosen is member 1, then member 0
+    lp, ref = batch.policy_logps_sum, batch.ref_logps_sum
+    expected = dpo_loss(T([lp[0, 1], lp[1, 0]]), T([lp[0, 0], lp[1, 1]]), T([ref[0, 1], ref[1, 0]]),
+                        T([ref[0, 0], ref[1, 1]]), beta=0.1)
+    close(group_loss("dpo", batch, beta=0.1), expected, tol=1e-6)
+    close(group_loss("mpo", batch, beta=0.1), expected, tol=1e-5)
+    mean = batch.policy_logps_mean
+    close(group_loss("simpo", batch, beta=2.0, gamma_beta_ratio=0.5),
+          simpo_loss(T([mean[0, 1], mean[1, 0]]), T([mean[0, 0], mean[1, 1]]), beta=2.0, gamma_beta_ratio=0.5))
+    close(group_loss("ampo", batch), ampo_loss(mean, batch.rewards, batch.chosen_mask))
+
+
+def test_registry_errors_and_trainable_groups():
+    batch = _batch(T([[True, True, False], [False, False, False]]))
+    with pytest.raises(ValueError, match="unknown loss 'orpo'; choose from"):
+        group_loss("orpo", batch)
+    with pytest.raises(ValueError, match="exactly 1 chosen and 1 rejected"):
+        group_loss("dpo", batch, beta=0.1)
+    no_ref = GroupBatch(batch.policy_logps_sum, batch.policy_logps_mean, batch.rewards, batch.chosen_mask,
+                        batch.valid_mask)
+    with pytest.raises(ValueError, match="needs reference log-probs"):
+        group_loss("mpo", no_ref, beta=0.1)
+    assert trainable_groups("ampo", batch).tolist() == [True, False]
+    assert trainable_groups("infonca", batch).tolist() == [True, True]
+
+
+def test_bad_hyperparameters_raise():
+    lp, r, c = torch.zeros(1, 2), T([[1.0, 0]]), T([[True, False]])
+    with pytest.raises(ValueError, match="gamma=0.0 must be > 0"):
+        ampo_loss(lp, r, c, gamma=0.0)
+    with pytest.raises(ValueError, match="beta=-1.0 must be > 0"):
+        mpo_loss(lp, lp, r, c, beta=-1.0)
+    with pytest.raises(ValueError, match="unknown weight_mode 'sqrt'"):
+        mpo_loss(lp, lp, r, c, beta=1.0, weight_mode="sqrt")
+    with pytest.raises(ValueError, match="p=3"):
+        mpo_loss(lp, lp, r, c, beta=1.0, weight_mode="pow", p=3)
+    with pytest.raises(ValueError, match="lam=-1"):
+        eos_regularizer(lp, lp, lam=-1.0)
