@@ -1,0 +1,88 @@
+"""The `checkpoints` table: typed upsert and reads, and the one-commit champion swap.
+
+Promotion logic (gates) lives in ampo.registry / ampo.evaluation; this module only keeps the invariant that a run
+has at most one champion: status "champion" is written only by `set_champion`, whose single merge_insert promotes
+the new checkpoint and retires the old champion in the same commit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from lancedb.table import Table
+
+from ampo.config import validate_run_id
+from ampo.schema import CHECKPOINT_STATUSES, Checkpoint, check_choice, utcnow
+from ampo.store import filters
+from ampo.store.rows import to_table
+from ampo.store.tables import scan, upsert
+
+
+def upsert_checkpoint(table: Table, record: Mapping) -> int:
+    """Insert or update one checkpoint (given columns only when it exists); returns the table version.
+
+    `metrics` may be a dict (stored as JSON). Status "champion" is refused here: use set_champion.
+    """
+    record = dict(record)
+    filters.check_id(record.get("id"))
+    if "run" in record:
+        validate_run_id(record["run"])
+    if record.get("status") == "champion":
+        raise ValueError(f"checkpoint {record['id']!r}: status 'champion' is set only by set_champion")
+    if "status" in record:
+        check_choice(record["status"], CHECKPOINT_STATUSES, "checkpoint status")
+    if isinstance(record.get("metrics"), dict):
+        record["metrics"] = json.dumps(record["metrics"], sort_keys=True)
+    exists = table.count_rows(filters.id_is(record["id"])) > 0
+    return upsert(table, to_table([record], Checkpoint, partial=exists), insert=not exists).version
+
+
+def get_checkpoint(table: Table, checkpoint_id: str) -> dict | None:
+    """One checkpoint's row (metrics decoded), or None."""
+    rows = scan(table, filters.id_is(checkpoint_id)).to_pylist()
+    return _decoded(rows[0]) if rows else None
+
+
+def list_checkpoints(table: Table, run: str | None = None) -> list[dict]:
+    """All checkpoints (of one run), oldest round first."""
+    rows = scan(table, filters.run_is(run) if run is not None else "").to_pylist()
+    return [_decoded(r) for r in sorted(rows, key=lambda r: (r["run"], r["round"], r["created_at"]))]
+
+
+def champion(table: Table, run: str) -> dict | None:
+    """The run's champion checkpoint, or None before the first promotion."""
+    rows = scan(table, filters.all_of(filters.run_is(run), "status = 'champion'")).to_pylist()
+    if len(rows) > 1:
+        raise RuntimeError(
+            f"run {run!r} has {len(rows)} champions {[r['id'] for r in rows]}: concurrent promotion?"
+        )
+    return _decoded(rows[0]) if rows else None
+
+
+def set_champion(table: Table, run: str, checkpoint_id: str) -> int:
+    """Promote `checkpoint_id` and retire the run's current champion in ONE merge_insert (one commit).
+
+    Returns the table version. The checkpoint must exist and belong to `run`; promoting the current champion
+    again writes nothing (a re-run promote stage is harmless).
+    """
+    target = get_checkpoint(table, checkpoint_id)
+    if target is None or target["run"] != validate_run_id(run):
+        raise ValueError(f"checkpoint {checkpoint_id!r} not found in run {run!r}; upsert it first")
+    current = champion(table, run)
+    if current is not None and current["id"] == checkpoint_id:
+        return table.version
+    rows = [{"id": checkpoint_id, "status": "champion", "promoted_at": utcnow()}]
+    if current is not None:
+        rows.append({"id": current["id"], "status": "retired", "promoted_at": current["promoted_at"]})
+    result = upsert(table, to_table(rows, Checkpoint, partial=True), insert=False)
+    if result.num_updated_rows != len(rows):
+        raise RuntimeError(
+            f"champion swap updated {result.num_updated_rows} of {len(rows)} rows in run {run!r}"
+        )
+    return result.version
+
+
+def _decoded(row: dict) -> dict:
+    row["metrics"] = json.loads(row["metrics"])
+    return row

@@ -1,0 +1,72 @@
+"""Store filters built only from validated values: user text never becomes SQL.
+
+Every value goes through a check (run ids match RUN_ID_PATTERN, prompt ids PROMPT_ID_PATTERN, ints are ints) and
+then into a LanceDB `lit(...)` literal, which quotes it; the helpers return SQL strings for `where` / `count_rows`.
+Constant fragments such as "reward IS NOT NULL" are written here, never taken from input.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from lancedb.expr import col, lit
+
+from ampo.config import validate_run_id
+from ampo.schema import check_int, check_prompt_id, check_round
+
+ID_PATTERN = (
+    r"^[\x21-\x7e]{1,512}$"  # row and checkpoint ids: printable ASCII, no spaces or control characters
+)
+
+
+def run_is(run: str) -> str:
+    return (col("run") == lit(validate_run_id(run))).to_sql()
+
+
+def round_is(run: str, round: int) -> str:
+    """Rows of one (run, round)."""
+    return all_of(run_is(run), (col("round") == lit(check_round(round))).to_sql())
+
+
+def prompt_is(prompt_id: str) -> str:
+    return (col("prompt_id") == lit(check_prompt_id(prompt_id))).to_sql()
+
+
+def selected_is(selected: bool) -> str:
+    if not isinstance(selected, bool):
+        raise ValueError(f"selected must be True or False, got {selected!r}")
+    return (col("selected") == lit(selected)).to_sql()
+
+
+def id_is(row_id: str) -> str:
+    return (col("id") == lit(check_id(row_id))).to_sql()
+
+
+def ids_in(ids: Iterable[str]) -> str:
+    return col("id").isin([lit(check_id(i)) for i in ids]).to_sql()
+
+
+def column_is(column: str, value: str | int | bool) -> str:
+    """`column = value` for a schema column name (checked by the caller) and a str / int / bool value."""
+    if isinstance(value, bool):
+        return (col(column) == lit(value)).to_sql()
+    if isinstance(value, str):
+        return (col(column) == lit(check_id(value))).to_sql()
+    return (col(column) == lit(check_int(value, column, minimum=-(2**63)))).to_sql()
+
+
+def all_of(*parts: str | None) -> str:
+    """AND of the given filter strings (each made by this module); None parts are skipped."""
+    kept = [p for p in parts if p]
+    return " AND ".join(f"({p})" for p in kept)
+
+
+def check_id(row_id: str) -> str:
+    if not isinstance(row_id, str) or not re.fullmatch(ID_PATTERN, row_id):
+        raise ValueError(f"id {row_id!r} must be 1-512 printable ASCII characters without spaces")
+    return row_id
+
+
+USABLE = "dropped_reason IS NULL AND reward IS NOT NULL"  # rows a selector may use
+EMBEDDED = "vector IS NOT NULL"

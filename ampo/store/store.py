@@ -1,0 +1,267 @@
+"""`Store`: the connection to a run's LanceDB folder (or object-store URI) and every write the pipeline makes."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from lancedb.index import Bitmap, BTree
+
+from ampo.config import RUN_ID_PATTERN, StoreConfig, validate_run_id
+from ampo.schema import (
+    EMBED_DIM,
+    PROMPT_ID_PATTERN,
+    ROLES,
+    Checkpoint,
+    RoundStage,
+    check_choice,
+    check_round,
+    make_candidate_model,
+)
+from ampo.store import checkpoints, filters, stages
+from ampo.store.candidates import CandidatesView
+from ampo.store.rows import Rows, to_table
+from ampo.store.tables import open_table, scan, upsert
+
+log = logging.getLogger(__name__)
+
+INDEX_MIN_ROWS = (
+    100_000  # below this a scan beats an index (and index builds cost seconds); see docs/store.md
+)
+KEY_COLUMNS = ("id", "run", "round", "prompt_id", "sample")  # fixed once a candidate is written
+NO_PRUNING = timedelta(days=36_500)  # optimize() never deletes versions: tagged rounds must stay readable
+
+
+class Store(CandidatesView):
+    """The store of one or more runs: tables `candidates`, `rounds`, `checkpoints` under `uri`.
+
+    `uri` is a local folder or an object-store URI (s3://, gs://, az://), passed to lancedb.connect unchanged.
+    Every read sees the latest commit of any process (read_consistency_interval=0). One writer per table per stage.
+    """
+
+    def __init__(self, uri: str, dim: int = EMBED_DIM, *, storage_options: dict | None = None):
+        self.uri = str(uri)
+        self.db = lancedb.connect(
+            self.uri, read_consistency_interval=timedelta(0), storage_options=storage_options
+        )
+        self.model = make_candidate_model(dim)
+        self.candidates = open_table(self.db, "candidates", self.model)
+        self.rounds = open_table(self.db, "rounds", RoundStage)
+        self.checkpoints = open_table(self.db, "checkpoints", Checkpoint)
+        super().__init__(self.candidates, dim)
+
+    @classmethod
+    def from_config(cls, cfg: StoreConfig, dim: int = EMBED_DIM) -> Store:
+        return cls(cfg.uri, dim)
+
+    def __repr__(self) -> str:
+        return f"Store({self.uri!r}, dim={self.dim})"
+
+    # -- candidates: writes -----------------------------------------------------------------------------------
+
+    def upsert_candidates(self, rows: Rows) -> int:
+        """Insert or replace whole candidate rows (missing columns take their defaults); returns the version.
+
+        Ids must be "{run}/{round}/{prompt_id}/{sample}" of the row's own columns and unique within `rows`.
+        Upserting the same rows twice leaves one copy of each.
+        """
+        table = to_table(rows, self.model)
+        if table.num_rows == 0:
+            return self.version
+        _check_candidate_keys(table)
+        _check_roles(table)
+        return upsert(self.candidates, table).version
+
+    def update_candidates(self, ids: Sequence[str] | np.ndarray | pa.Array, **columns) -> int:
+        """Set `columns` (each one value per id, e.g. reward=(n,), vector=(n, d)) on existing rows; returns the version.
+
+        Only the named columns change. Ids not in the table raise ValueError (after the known ones were written).
+        """
+        protected = sorted(set(columns) & set(KEY_COLUMNS))
+        if protected or not columns:
+            raise ValueError(
+                f"update_candidates sets non-key columns; got {sorted(columns)} (keys: {KEY_COLUMNS})"
+            )
+        table = to_table({"id": ids, **columns}, self.model, partial=True)
+        if table.num_rows == 0:
+            return self.version
+        _check_unique(table["id"])
+        _check_roles(table)
+        result = upsert(self.candidates, table, insert=False)
+        if result.num_updated_rows != table.num_rows:
+            raise ValueError(
+                f"{table.num_rows - result.num_updated_rows} of {table.num_rows} ids are not candidates"
+            )
+        return result.version
+
+    def set_selection(
+        self,
+        run: str,
+        round: int,
+        ids: Sequence[str],
+        roles: Sequence[str],
+        *,
+        selector: str,
+        clusters: Sequence[int | None] | None = None,
+    ) -> int:
+        """Make `ids` the round's whole selection in one commit: earlier picks not in `ids` are cleared.
+
+        roles: "chosen" or "rejected" per id. Returns the version. A re-run select stage replaces, never adds.
+        """
+        prefix = f"{validate_run_id(run)}/{check_round(round)}/"
+        ids = pa.array(ids, pa.string())
+        if len(ids) and not pc.all(pc.starts_with(ids, prefix)).as_py():
+            raise ValueError(f"selected ids must belong to run {run!r} round {round} (start with {prefix!r})")
+        previous = scan(
+            self.candidates, filters.all_of(filters.round_is(run, round), filters.selected_is(True)), ["id"]
+        )
+        cleared = pc.filter(previous["id"], pc.invert(pc.is_in(previous["id"], value_set=ids)))
+        n, m = len(ids), len(cleared)
+        update = {
+            "id": pa.concat_arrays([ids, cleared.combine_chunks().cast(pa.string())]),
+            "selected": [True] * n + [False] * m,
+            "role": list(roles) + [""] * m,
+            "selector": [selector] * n + [""] * m,
+            "cluster": (list(clusters) if clusters is not None else [None] * n) + [None] * m,
+        }
+        if any(r not in ("chosen", "rejected") for r in update["role"][:n]):
+            raise ValueError(f"roles must be 'chosen' or 'rejected', got {sorted(set(update['role'][:n]))}")
+        return self.update_candidates(update.pop("id"), **update)
+
+    # -- stages (the `rounds` table) ---------------------------------------------------------------------------
+
+    def stage_started(self, run: str, round: int, stage: str) -> None:
+        stages.stage_started(self.rounds, run, round, stage)
+
+    def stage_done(self, run: str, round: int, stage: str, counts: dict, seconds: float, **extra) -> dict:
+        """Completion record of a stage, written last with the candidates version; extra: metrics, gate, message."""
+        return stages.stage_done(
+            self.rounds,
+            run,
+            round,
+            stage,
+            counts=counts,
+            seconds=seconds,
+            store_version=self.version,
+            **extra,
+        )
+
+    def stage_failed(self, run: str, round: int, stage: str, message: str) -> None:
+        stages.stage_failed(self.rounds, run, round, stage, message)
+
+    def stage_status(self, run: str, round: int) -> dict[str, dict]:
+        return stages.stage_status(self.rounds, run, round)
+
+    def is_done(self, run: str, round: int, stage: str) -> bool:
+        return stages.is_done(self.rounds, run, round, stage)
+
+    # -- tags: a round's data, pinned ----------------------------------------------------------------------------
+
+    def tag_round(self, run: str, round: int) -> str:
+        """Tag the candidates table's current version as the end of (run, round); returns the tag name."""
+        tag, version = round_tag(run, round), self.version
+        existing = self.candidates.tags.list()
+        if tag not in existing:
+            self.candidates.tags.create(tag, version)
+        elif existing[tag]["version"] != version:
+            log.warning("moving tag %s from version %s to %s", tag, existing[tag]["version"], version)
+            self.candidates.tags.update(tag, version)
+        return tag
+
+    def checkout_round(self, run: str, round: int) -> CandidatesView:
+        """A read-only view of the candidates table as it was when (run, round) was tagged."""
+        tag = round_tag(run, round)
+        if tag not in self.candidates.tags.list():
+            raise ValueError(
+                f"run {run!r} round {round} has no tag {tag!r}; tagged: {sorted(self.candidates.tags.list())}"
+            )
+        table = self.db.open_table("candidates")
+        table.checkout(tag)
+        return CandidatesView(table, self.dim)
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+
+    def upsert_checkpoint(self, record: Mapping) -> int:
+        return checkpoints.upsert_checkpoint(self.checkpoints, record)
+
+    def get_checkpoint(self, checkpoint_id: str) -> dict | None:
+        return checkpoints.get_checkpoint(self.checkpoints, checkpoint_id)
+
+    def list_checkpoints(self, run: str | None = None) -> list[dict]:
+        return checkpoints.list_checkpoints(self.checkpoints, run)
+
+    def champion(self, run: str) -> dict | None:
+        return checkpoints.champion(self.checkpoints, run)
+
+    def set_champion(self, run: str, checkpoint_id: str) -> int:
+        return checkpoints.set_champion(self.checkpoints, run, checkpoint_id)
+
+    # -- maintenance ---------------------------------------------------------------------------------------------
+
+    def optimize(self, *, index_min_rows: int = INDEX_MIN_ROWS) -> list[str]:
+        """Compact small files, update indexes, and index id / run / round once the table has index_min_rows.
+
+        Returns the names of indexes created now. Never prunes versions (tags keep old rounds readable).
+        """
+        created = []
+        if self.candidates.count_rows() >= index_min_rows:
+            have = {c for index in self.candidates.list_indices() for c in index.columns}
+            for column, config in (("id", BTree()), ("run", Bitmap()), ("round", Bitmap())):
+                if column not in have:
+                    self.candidates.create_index(column, config=config, replace=False)
+                    created.append(column)
+        self.candidates.optimize(cleanup_older_than=NO_PRUNING)
+        return created
+
+
+def round_tag(run: str, round: int) -> str:
+    """Tag name of (run, round): "{run}-r{round}" in the tag charset (a run id with '..' gets a hash suffix)."""
+    run, round = validate_run_id(run), check_round(round)
+    if ".." in run:  # tags may not contain '..'; keep names distinct with a hash of the original id
+        run = f"{run.replace('.', '_')}-{hashlib.sha1(run.encode()).hexdigest()[:8]}"
+    return f"{run}-r{round}"
+
+
+def _check_candidate_keys(table: pa.Table) -> None:
+    """Ids equal "{run}/{round}/{prompt_id}/{sample}", runs and prompt ids match their patterns, ids are unique."""
+    for column, pattern in (("run", RUN_ID_PATTERN), ("prompt_id", PROMPT_ID_PATTERN)):
+        bad = pc.invert(pc.match_substring_regex(table[column], pattern))
+        if pc.any(bad).as_py():
+            raise ValueError(f"{column} {table[column].filter(bad)[0].as_py()!r} must match {pattern}")
+    for column in ("round", "sample"):
+        if pc.min(table[column]).as_py() < 0:
+            raise ValueError(f"{column} must be >= 0, got {pc.min(table[column]).as_py()}")
+    parts = [
+        table["run"],
+        table["round"].cast(pa.string()),
+        table["prompt_id"],
+        table["sample"].cast(pa.string()),
+    ]
+    expected = pc.binary_join_element_wise(*parts, "/")
+    bad = pc.not_equal(table["id"], expected)
+    if pc.any(bad).as_py():
+        first = pc.index(bad, True).as_py()
+        raise ValueError(
+            f"id {table['id'][first].as_py()!r} must be run/round/prompt_id/sample = {expected[first]!r}"
+        )
+    _check_unique(table["id"])
+
+
+def _check_unique(ids: pa.ChunkedArray) -> None:
+    if pc.count_distinct(ids).as_py() != len(ids):
+        counts = pc.value_counts(ids)
+        dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
+        raise ValueError(f"ids must be unique within one write; {dup!r} repeats")
+
+
+def _check_roles(table: pa.Table) -> None:
+    if "role" in table.column_names:
+        bad = pc.invert(pc.is_in(table["role"], value_set=pa.array(ROLES)))
+        if pc.any(bad).as_py():
+            check_choice(table["role"].filter(bad)[0].as_py(), ROLES, "role")
