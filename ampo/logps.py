@@ -5,6 +5,7 @@ Conventions follow spec 1.1 (SimPO / TRL): prompt tokens are labelled -100, labe
 length-normalised log-prob that sum divided by the number of response tokens.
 """
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -216,7 +217,7 @@ def _padded_forward(model, examples: Sequence[Example], pad_token_id: int, eos_t
 def _prompt_groups(examples: Sequence[Example]) -> list[int]:
     """Group index of each example: a run of consecutive examples with equal prompt ids is one group. (N,)."""
     group_of = [0]
-    for before, e in zip(examples, examples[1:]):
+    for before, e in itertools.pairwise(examples):
         group_of.append(group_of[-1] + (e.prompt_ids != before.prompt_ids))
     return group_of
 

@@ -169,7 +169,7 @@ def test_build_group_shares_prompt_ids(tokenizer):
 
 @pytest.fixture(scope="module")
 def examples(tokenizer):
-    kw = dict(max_length=96, max_prompt_length=48)
+    kw = {"max_length": 96, "max_prompt_length": 48}
     return (build_group(tokenizer, "hello world, how are you today?", ["the quick brown fox", "fine.",
                         "say something kind. two plus two is four."], **kw)
             + build_group(tokenizer, "write a short poem about the sea.", ["the sea is big", "no"], **kw)
@@ -190,7 +190,7 @@ def test_padded_forward_equals_per_sequence_forward(model, tokenizer, examples):
 
 
 def test_prefix_shared_forward_equals_padded(model, tokenizer, examples):
-    kw = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    kw = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
     padded = group_logps(model, examples, **kw)
     shared = group_logps(model, examples, forward_mode="prefix_shared", **kw)
     for a, b in zip(padded, shared):
@@ -211,3 +211,14 @@ def test_prefix_shared_gradients_equal_padded(model, tokenizer, examples):
 def test_group_logps_bad_mode(model, tokenizer, examples):
     with pytest.raises(ValueError, match="unknown forward_mode 'packed'; choose from"):
         group_logps(model, examples, pad_token_id=tokenizer.pad_token_id, forward_mode="packed")
+
+
+def test_prefix_sharing_refuses_gradient_checkpointing(model, tokenizer, examples):
+    model.gradient_checkpointing_enable()
+    model.train()
+    try:
+        with pytest.raises(ValueError, match="gradient checkpointing"):
+            group_logps(model, examples, pad_token_id=tokenizer.pad_token_id, forward_mode="prefix_shared")
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()

@@ -186,7 +186,7 @@ def test_mpo_shift_invariance(weight_mode):
     torch.manual_seed(3)
     policy, ref, rewards = torch.randn(3, 4) * 5, torch.randn(3, 4) * 5, torch.randn(3, 4)
     chosen = mean_split_mask(rewards)
-    kw = dict(beta=0.5, alpha=0.7, weight_mode=weight_mode, p=2)
+    kw = {"beta": 0.5, "alpha": 0.7, "weight_mode": weight_mode, "p": 2}
     base = mpo_loss(policy, ref, rewards, chosen, **kw)
     close(mpo_loss(policy + 123.0, ref, rewards, chosen, **kw), base, tol=1e-5)  # z + const
     close(mpo_loss(policy, ref, rewards - 40.0, chosen, **kw), base, tol=1e-5)  # rewards + const
@@ -236,7 +236,7 @@ def test_garbage_invalid_members_change_nothing(name):
 
     base_loss, base_grad = run(lp, ref, rewards, chosen, None)
     junk = T([[float("nan"), float("inf")], [1e30, -float("inf")]])  # 2 garbage members per group
-    pad = lambda x, fill: torch.cat([x, fill], dim=1)  # noqa: E731
+    pad = lambda x, fill: torch.cat([x, fill], dim=1)
     valid = pad(torch.ones(2, 3, dtype=torch.bool), torch.zeros(2, 2, dtype=torch.bool))
     loss, grad = run(pad(lp, junk), pad(ref, junk), pad(rewards, junk), pad(chosen, T([[True, True]] * 2)), valid)
     close(loss, base_loss, tol=1e-6)
