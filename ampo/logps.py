@@ -139,8 +139,10 @@ def _token_logps(logits: Tensor, targets: Tensor) -> Tensor:
 
     As TRL's `selective_log_softmax`: logit[target] - logsumexp(logits), never a full (B, T, V) log-softmax.
     """
-    rows = [row.float().gather(-1, t[:, None])[:, 0] - torch.logsumexp(row.float(), dim=-1)
-            for row, t in zip(logits, targets)]
+    rows = []
+    for row, t in zip(logits, targets):  # (T, V), (T,)
+        row = row.float()
+        rows.append(row.gather(-1, t[:, None])[:, 0] - torch.logsumexp(row, dim=-1))
     return torch.stack(rows)
 
 
