@@ -1,0 +1,44 @@
+"""A user's Python function as a reward: "module:function" taking (prompts, responses), returning one float each."""
+
+from __future__ import annotations
+
+import importlib
+import numbers
+
+import numpy as np
+
+from ampo.config import RewardComponent, RuntimeConfig
+from ampo.prompts import Prompt
+
+
+class PythonReward:
+    """Calls `function(prompts, responses)`; checks it returns one real number per response. Returns (n,) float64."""
+
+    def __init__(self, spec: str):
+        module_name, _, attr = spec.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise ValueError(f"python reward {spec!r}: cannot import module {module_name!r} ({e})") from e
+        self.fn = getattr(module, attr, None)
+        if not callable(self.fn):
+            raise ValueError(f"python reward {spec!r}: module {module_name!r} has no callable {attr!r}")
+        self.spec = spec
+        self.last_counts: dict[str, int] = {}
+
+    def validate(self, prompts: list[Prompt]) -> None:
+        pass
+
+    def __call__(self, prompts: list[Prompt], responses: list[str]) -> np.ndarray:
+        values = list(self.fn(prompts, responses))
+        if len(values) != len(responses):
+            raise ValueError(f"python reward {self.spec!r} returned {len(values)} values for {len(responses)} responses")
+        for i, v in enumerate(values):
+            if not isinstance(v, numbers.Real):
+                raise ValueError(f"python reward {self.spec!r} returned {v!r} ({type(v).__name__}) for response {i} "
+                                 f"of prompt {prompts[i].prompt_id!r}; it must return real numbers")
+        return np.asarray(values, dtype=np.float64)
+
+
+def make_python_reward(component: RewardComponent, runtime: RuntimeConfig) -> PythonReward:
+    return PythonReward(component.function)
