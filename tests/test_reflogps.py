@@ -1,0 +1,98 @@
+"""Reference log-probs: equal to a plain per-sequence forward, independent of batching, eval mode, and a DPO
+trainer fed them starts at log 2 (policy = reference)."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from ampo.config import LossConfig, RuntimeConfig, TrainConfig
+from ampo.logps import build_example, sequence_logps
+from ampo.models import build_tiny_llama
+from ampo.reflogps import as_groups, compute_reference_logps, with_reference
+from ampo.trainer import make_loss_fn, train
+from ampo.training_data import Group
+
+CPU = RuntimeConfig(device="cpu")
+CFG = TrainConfig(max_length=64, max_prompt_length=32, groups_per_step=2, grad_accum=1, lr=1e-3, warmup_ratio=0.0)
+
+GROUPS = [
+    Group("a", "Write a short poem about the sea.", ["The cat finds a quiet garden.", "the river", "A robot paints."],
+          [1.0, 0.0, -1.0], [True, False, False]),
+    Group("b", "Answer in exactly three words.", ["My friend builds.", "An old map remembers the night sky?"],
+          [0.5, -0.5], [True, False]),
+    Group("c", "Do not use any commas in your answer.", ["The teacher answers again!", "a small bird visits"],
+          [2.0, 1.0], [True, False]),
+]
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory) -> str:
+    return str(build_tiny_llama(tmp_path_factory.mktemp("policy") / "tiny", seed=1))
+
+
+def per_sequence(policy: str, pairs: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The naive reference: each (prompt, response) alone through the model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for prompt, response in pairs:
+            e = build_example(tokenizer, prompt, response, max_length=64, max_prompt_length=32)
+            logits = model(input_ids=torch.tensor([e.input_ids])).logits
+            out.append([t.item() for t in sequence_logps(logits, torch.tensor([e.labels]))])
+    total, mean, n = np.array(out).T
+    return total, mean, n
+
+
+def test_reference_logps_equal_a_per_sequence_forward(policy):
+    ref = compute_reference_logps(policy, GROUPS, CFG, CPU)
+    pairs = [(g.prompt, r) for g in GROUPS for r in g.responses]
+    total, mean, n = per_sequence(policy, pairs)
+    np.testing.assert_allclose(ref.sum, total, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ref.mean, mean, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(ref.n_tokens, n.astype(np.int64))
+    np.testing.assert_allclose(ref.mean, ref.sum / ref.n_tokens, rtol=1e-6)  # fp32 division
+    one_by_one = compute_reference_logps(policy, GROUPS, CFG.model_copy(update={"groups_per_step": 1}), CPU)
+    np.testing.assert_allclose(one_by_one.sum, ref.sum, atol=1e-5, rtol=0)  # batching does not change values
+    from_pairs = compute_reference_logps(policy, pairs, CFG, CPU)
+    np.testing.assert_allclose(from_pairs.sum, ref.sum, atol=1e-5, rtol=0)
+
+
+def test_reference_logps_run_in_eval_mode(policy, tmp_path):
+    # with attention dropout 0.1 a train-mode forward would be random; eval mode equals the dropout-free model
+    noisy = tmp_path / "noisy"
+    shutil.copytree(policy, noisy)
+    config = json.loads((noisy / "config.json").read_text())
+    (noisy / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.1}))
+    np.testing.assert_array_equal(compute_reference_logps(str(noisy), GROUPS, CFG, CPU).sum,
+                                  compute_reference_logps(policy, GROUPS, CFG, CPU).sum)
+
+
+def test_pairs_group_by_consecutive_prompt():
+    groups = as_groups([("p", "x"), ("p", "y"), ("q", "z"), ("p", "w")])
+    assert [(g.prompt, g.responses) for g in groups] == [("p", ["x", "y"]), ("q", ["z"]), ("p", ["w"])]
+    with pytest.raises(ValueError, match="pairs"):
+        as_groups([("p", "x", "y")])
+
+
+def test_with_reference_fills_groups_in_order(policy):
+    ref = compute_reference_logps(policy, GROUPS, CFG, CPU)
+    filled = with_reference(GROUPS, ref)
+    assert filled[1].ref_logp_sum == ref.sum[3:5].tolist() and filled[2].ref_logp_mean == ref.mean[5:7].tolist()
+    with pytest.raises(ValueError, match="7 responses"):
+        with_reference(GROUPS, ref._replace(sum=ref.sum[:6]))
+
+
+def test_dpo_with_its_own_reference_starts_at_log_two(policy, tmp_path):
+    # policy = reference -> every log-ratio is 0 -> DPO loss -log sigmoid(0) = log 2 = 0.693147 for each pair
+    pairs = [Group(g.prompt_id, g.prompt, g.responses[:2], g.rewards[:2], [True, False]) for g in GROUPS]
+    groups = with_reference(pairs, compute_reference_logps(policy, pairs, CFG, CPU))
+    result = train(policy, groups, make_loss_fn(LossConfig(name="dpo")), CFG.model_copy(update={"groups_per_step": 3}),
+                   output_dir=tmp_path / "ckpt", runtime=CPU)
+    assert result.losses[0] == pytest.approx(math.log(2), abs=1e-5)
