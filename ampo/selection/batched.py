@@ -1,0 +1,257 @@
+"""select_batch: the selections of `select` for many prompts at once, vectorised over prompts in numpy.
+
+Prompts are grouped by pool size N and processed in chunks of CHUNK prompts. Each method has one batched function
+(rewards (B, N), embeddings (B, N, d) or None, k, seeds (B,)) -> B Selections that equals the per-prompt function in
+ampo_methods.py / baselines.py prompt by prompt (tests/test_selection_batched.py checks this). Ties, seeds and
+stopping rules are the same; only the floating-point rounding of k-means distances differs (Gram form).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ampo.selection.ampo_methods import SWAP_TOL, select_optselect
+from ampo.selection.baselines import ALL_EQUAL, ROUNDING
+from ampo.selection.batched_kmeans import batch_kmeans, first_appearance
+from ampo.selection.pool import (
+    STREAM_RANDOM,
+    Selection,
+    bottom_order,
+    check_embeddings,
+    check_k,
+    check_rewards,
+    check_seeds,
+    optselect_weights,
+    pairwise_distances,
+    seeded_uniforms,
+    skipped_selection,
+    top_index,
+)
+from ampo.selection.registry import NEEDS_K_NEGATIVES, USES_EMBEDDINGS, check_method
+
+CHUNK = 512  # prompts per vectorised step: optselect's swap costs are CHUNK*k*N*N floats (~30 MB at N=32, k=7)
+
+
+def batch_bottomk(rewards, embeddings, k, *, seeds) -> list[Selection]:
+    """select_bottomk for B pools. rewards (B, N)."""
+    top = top_index(rewards)
+    rejected = np.sort(bottom_order(rewards, top)[:, :k], axis=1)
+    return [Selection("bottomk", [t], r) for t, r in zip(top.tolist(), rejected.tolist())]
+
+
+def batch_random(rewards, embeddings, k, *, seeds) -> list[Selection]:
+    """select_random for B pools: the k candidates with the smallest seeded uniforms. rewards (B, N), seeds (B,)."""
+    top = top_index(rewards)
+    rejected = np.sort(bottom_order(seeded_uniforms(seeds, STREAM_RANDOM, rewards.shape[1]), top)[:, :k], axis=1)
+    return [Selection("random", [t], r) for t, r in zip(top.tolist(), rejected.tolist())]
+
+
+def batch_extremes(rewards, embeddings, k, *, seeds) -> list[Selection]:
+    """select_extremes for B pools. rewards (B, N)."""
+    top = top_index(rewards)
+    worst = bottom_order(rewards, top)[:, 0]
+    return [Selection("extremes", [t], [w]) for t, w in zip(top.tolist(), worst.tolist())]
+
+
+def batch_mean_split(rewards, embeddings, k, *, seeds) -> list[Selection]:
+    """select_mean_split for B pools. rewards (B, N)."""
+    above = rewards > rewards.mean(axis=1, keepdims=True)  # (B, N)
+    n_above = above.sum(axis=1).tolist()
+    all_equal = (rewards.max(axis=1) == rewards.min(axis=1)).tolist()
+    above_first = np.argsort(~above, axis=1, kind="stable").tolist()  # chosen then rejected, each ascending
+    out = []
+    for row, n, equal in zip(above_first, n_above, all_equal):
+        if equal or n in (0, len(row)):
+            out.append(skipped_selection("mean_split", ALL_EQUAL if equal else ROUNDING))
+        else:
+            out.append(Selection("mean_split", row[:n], row[n:]))
+    return out
+
+
+def batch_top_bottom(rewards, embeddings, k, *, seeds, m=2) -> list[Selection]:
+    """select_top_bottom for B pools. rewards (B, N)."""
+    n = rewards.shape[1]
+    if 2 * m > n:
+        raise ValueError(f"top_bottom with m={m} needs a pool of at least 2m = {2 * m} responses; got N={n}")
+    best = np.argsort(-rewards, axis=1, kind="stable")[:, :m]  # (B, m)
+    keyed = rewards.copy()
+    np.put_along_axis(keyed, best, np.inf, axis=1)
+    worst = np.argsort(keyed, axis=1, kind="stable")[:, :m]
+    return [
+        Selection("top_bottom", c, r)
+        for c, r in zip(np.sort(best, axis=1).tolist(), np.sort(worst, axis=1).tolist())
+    ]
+
+
+def batch_coreset(rewards, embeddings, k, *, seeds, cluster_on="candidates", n_init=10, max_iter=100):
+    """select_coreset for B pools. rewards (B, N), embeddings (B, N, d), seeds (B,)."""
+    B, N = rewards.shape
+    top = top_index(rewards)
+    if cluster_on == "candidates":
+        j = np.arange(N - 1)
+        members = j + (j >= top[:, None])  # (B, N-1): pool indices without the positive, ascending
+    else:
+        members = np.broadcast_to(np.arange(N), (B, N))
+    points = embeddings[np.arange(B)[:, None], members]  # (B, n, d)
+    labels = batch_kmeans(points, k, seeds, n_init=n_init, max_iter=max_iter)  # (B, n)
+    member_rewards = np.where(members == top[:, None], np.inf, np.take_along_axis(rewards, members, axis=1))
+    in_cluster = np.where(labels[:, :, None] == np.arange(k), member_rewards[:, :, None], np.inf)  # (B, n, k)
+    lowest = np.take_along_axis(members, in_cluster.argmin(axis=1), axis=1)  # (B, k): lowest reward per cluster
+    has_negative = np.isfinite(in_cluster.min(axis=1))  # (B, k)
+    clusters = np.full((B, N), -1)
+    np.put_along_axis(clusters, members, labels, axis=1)
+    clusters = first_appearance(clusters, k).tolist()
+    rejected = np.sort(lowest, axis=1).tolist()
+    order = None
+    for b in np.flatnonzero(~has_negative.all(axis=1)):  # a cluster held only the positive (cluster_on="all")
+        order = bottom_order(rewards, top) if order is None else order
+        picked = set(lowest[b, has_negative[b]].tolist())
+        fill = [i for i in order[b, : N - 1].tolist() if i not in picked][: k - len(picked)]
+        rejected[b] = sorted(picked | set(fill))
+    return [Selection("coreset", [t], r, clusters=c) for t, r, c in zip(top.tolist(), rejected, clusters)]
+
+
+def best_swaps(dist, weights, medoids, top) -> tuple[np.ndarray, np.ndarray]:
+    """One best-improvement swap for B pools. dist (B, N, N), weights (B, N), medoids (B, k) ascending, top (B,)
+    -> accepted (B,) bool, swapped medoids (B, k) ascending. Costs every swap of local_search_medoids at once."""
+    B, N, _ = dist.shape
+    k = medoids.shape[1]
+    rows = np.arange(B)
+    to_medoid = np.take_along_axis(dist, np.broadcast_to(medoids[:, None, :], (B, N, k)), axis=2)  # (B, N, k)
+    nearest = to_medoid.argmin(axis=2)  # (B, N): position in medoids
+    d1 = np.take_along_axis(to_medoid, nearest[:, :, None], axis=2)[:, :, 0]
+    np.put_along_axis(to_medoid, nearest[:, :, None], np.inf, axis=2)
+    d2 = to_medoid.min(axis=2)  # (B, N): second nearest (inf when k = 1)
+    current = (weights * d1).sum(axis=1)  # (B,)
+    without = np.where(np.arange(k)[None, :, None] == nearest[:, None, :], d2[:, None, :], d1[:, None, :])  # (B,k,N)
+    trial = np.minimum(without[:, :, None, :], dist[:, None, :, :])  # (B, k, N_b, N_i): medoid a -> candidate b
+    cost = (trial * weights[:, None, None, :]).sum(axis=3).reshape(B, k * N)
+    banned = np.zeros((B, N), dtype=bool)
+    banned[rows, top] = True
+    np.put_along_axis(banned, medoids, True, axis=1)
+    cost = np.where(np.tile(banned, (1, k)), np.inf, cost)
+    flat = cost.argmin(axis=1)  # first minimum in (a, b) order
+    accepted = cost[rows, flat] < current * (1 - SWAP_TOL)
+    swapped = medoids.copy()
+    swapped[rows, flat // N] = flat % N
+    return accepted, np.sort(swapped, axis=1)
+
+
+def batch_local_search(dist, weights, medoids, top) -> np.ndarray:
+    """local_search_medoids for B pools: swap until no pool improves. -> medoids (B, k) ascending."""
+    medoids = medoids.copy()
+    active = np.arange(len(medoids))
+    while active.size:
+        accepted, swapped = best_swaps(dist[active], weights[active], medoids[active], top[active])
+        medoids[active[accepted]] = swapped[accepted]
+        active = active[accepted]
+    return medoids
+
+
+def batch_optselect(
+    rewards, embeddings, k, *, seeds, points="all", weight_temperature=1.0, solver="local_search"
+) -> list[Selection]:
+    """select_optselect for B pools. rewards (B, N), embeddings (B, N, d). solver="exact" loops over prompts."""
+    if solver == "exact":  # the MIP is the reference, not the fast path
+        return [
+            select_optselect(r, e, k, points=points, weight_temperature=weight_temperature, solver="exact")
+            for r, e in zip(rewards, embeddings)
+        ]
+    B = len(rewards)
+    top = top_index(rewards)
+    weights = optselect_weights(rewards, weight_temperature)
+    if points == "candidates":
+        weights[np.arange(B), top] = 0.0
+    dist = pairwise_distances(embeddings)  # (B, N, N)
+    init = np.sort(bottom_order(rewards, top)[:, :k], axis=1)
+    medoids = batch_local_search(dist, weights, init, top)
+    to_medoid = np.take_along_axis(dist, np.broadcast_to(medoids[:, None, :], (*dist.shape[:2], k)), axis=2)
+    nearest = np.take_along_axis(medoids, to_medoid.argmin(axis=2), axis=1)  # (B, N) pool index of nearest medoid
+    cost = (weights * to_medoid.min(axis=2)).sum(axis=1)
+    return [
+        Selection("optselect", [t], s, clusters=c, cost=v)
+        for t, s, c, v in zip(top.tolist(), medoids.tolist(), nearest.tolist(), cost.tolist())
+    ]
+
+
+BATCH_SELECTORS = {
+    "bottomk": batch_bottomk,
+    "coreset": batch_coreset,
+    "optselect": batch_optselect,
+    "random": batch_random,
+    "extremes": batch_extremes,
+    "mean_split": batch_mean_split,
+    "top_bottom": batch_top_bottom,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# entry point: input layouts, grouping by N, checks
+
+
+def pool_sizes(rewards, embeddings, lengths) -> np.ndarray:
+    """Pool size per prompt, after checking the layout: padded arrays (+ lengths) or lists of per-prompt arrays."""
+    if isinstance(rewards, (list, tuple)):
+        if lengths is not None:
+            raise ValueError("lengths is only for padded arrays; lists of per-prompt arrays carry their own sizes")
+        if not isinstance(embeddings, (list, tuple)) or len(embeddings) != len(rewards):
+            raise ValueError(f"embeddings must be a list of {len(rewards)} arrays (N_i, d), one per reward array")
+        sizes = np.array([np.shape(r)[0] if np.ndim(r) == 1 else -1 for r in rewards], dtype=np.int64)
+        for p, (r, e) in enumerate(zip(rewards, embeddings)):
+            if np.ndim(r) != 1 or np.ndim(e) != 2 or np.shape(e)[0] != sizes[p]:
+                raise ValueError(f"prompt {p}: rewards (N,) and embeddings (N, d) expected; got "
+                                 f"{np.shape(r)} and {np.shape(e)}")
+        return sizes
+    r, e = np.asarray(rewards), np.asarray(embeddings)
+    if r.ndim != 2 or e.ndim != 3 or e.shape[:2] != r.shape:
+        raise ValueError(f"padded input needs rewards (B, Nmax) and embeddings (B, Nmax, d); got {r.shape}, {e.shape}")
+    if lengths is None:
+        return np.full(r.shape[0], r.shape[1], dtype=np.int64)
+    sizes = np.asarray(lengths)
+    if sizes.shape != (r.shape[0],) or sizes.dtype.kind not in "iu" or (sizes < 0).any() or (sizes > r.shape[1]).any():
+        raise ValueError(f"lengths must be {r.shape[0]} ints in [0, {r.shape[1]}]; got {sizes!r:.80}")
+    return sizes.astype(np.int64)
+
+
+def gather(values, prompts: np.ndarray, n: int, dtype) -> np.ndarray:
+    """Stack the first n entries of the given prompts. values: padded array or list of arrays -> (b, n, ...)."""
+    if isinstance(values, (list, tuple)):
+        return np.stack([np.asarray(values[p], dtype=dtype) for p in prompts])
+    return np.asarray(np.asarray(values)[prompts, :n], dtype=dtype)
+
+
+def check_chunk(method: str, rewards: np.ndarray, embeddings, k: int, prompts: np.ndarray) -> None:
+    """The checks of `select`, for b pools of one size; errors name the prompt."""
+    n = rewards.shape[1]
+    bad = np.flatnonzero((~np.isfinite(rewards)).any(axis=1) if n >= 2 else np.ones(len(prompts), bool))
+    if bad.size:
+        check_rewards(rewards[bad[0]], where=f"prompt {prompts[bad[0]]}: ")
+    if method in USES_EMBEDDINGS and not np.isfinite(embeddings).all():
+        b = int(np.flatnonzero(~np.isfinite(embeddings).all(axis=(1, 2)))[0])
+        check_embeddings(embeddings[b], n, finite=True, where=f"prompt {prompts[b]}: ")
+    if method in NEEDS_K_NEGATIVES:
+        check_k(k, n, where=f"prompt {prompts[0]}: ")
+
+
+def select_batch(method: str, rewards, embeddings, k: int, *, seed=0, lengths=None, **options) -> list[Selection]:
+    """`select` for B prompts at once: result i equals select(method, pool i, k, seed=seeds[i], **options).
+
+    rewards (B, Nmax) + embeddings (B, Nmax, d) + lengths (B,) (pool i is the first lengths[i] entries; padding
+    is ignored; lengths=None means all Nmax), or lists of B arrays (N_i,) and (N_i, d). seed: one int used for
+    every prompt, or B ints, one per prompt. optselect with solver="exact" loops over prompts (the reference MIP).
+    """
+    check_method(method, options)
+    k = check_k(k)
+    sizes = pool_sizes(rewards, embeddings, lengths)
+    seeds = check_seeds(seed, len(sizes))
+    out: list[Selection | None] = [None] * len(sizes)
+    for n in np.unique(sizes).tolist():
+        same_size = np.flatnonzero(sizes == n)
+        for start in range(0, len(same_size), CHUNK):
+            prompts = same_size[start : start + CHUNK]
+            r = gather(rewards, prompts, n, np.float64)
+            e = gather(embeddings, prompts, n, None) if method in USES_EMBEDDINGS else None
+            check_chunk(method, r, e, k, prompts)
+            for p, selection in zip(prompts.tolist(), BATCH_SELECTORS[method](r, e, k, seeds=seeds[prompts], **options)):
+                out[p] = selection
+    return out

@@ -1,0 +1,102 @@
+"""k-means for B small point sets at once: the algorithm of ampo_methods.kmeans, vectorised over prompts and starts.
+
+Works on the Gram matrix G = X X^T (B, n, n). A centre is a weighted mean of the points, c = X^T v, so
+||x_i - c||^2 = G_ii - 2 (G v)_i + v^T G v: one Lloyd step costs n*n*k per start instead of n*d*k (n = 31 << d = 384),
+and all starts of a prompt share one (n, n) @ (n, T*k) matmul. Same uniforms, same tie rules, same stopping rule
+as the per-prompt reference; only rounding differs (Gram form instead of explicit differences).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ampo.selection.pool import STREAM_KMEANS, seeded_uniforms
+
+
+def gram_and_sq_distances(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """G = X X^T (symmetric) and squared distances (zero diagonal). (B, n, d) -> (B, n, n), (B, n, n)."""
+    x = np.asarray(points, dtype=np.float64)
+    gram = x @ x.transpose(0, 2, 1)
+    gram = 0.5 * (gram + gram.transpose(0, 2, 1))
+    sq = np.einsum("bii->bi", gram)
+    d2 = np.maximum(sq[:, :, None] + sq[:, None, :] - 2.0 * gram, 0.0)
+    idx = np.arange(d2.shape[-1])
+    d2[:, idx, idx] = 0.0
+    return gram, d2
+
+
+def batch_kmeanspp(d2: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """k-means++ seeding for every (prompt, start). d2 (B, n, n), uniforms u (B, T, k) -> centre indices (B, T, k)."""
+    B, T, k = u.shape
+    n = d2.shape[-1]
+    rows = np.arange(B)[:, None]  # (B, 1): broadcasts over starts
+    centres = np.empty((B, T, k), dtype=np.int64)
+    centres[..., 0] = np.minimum((u[..., 0] * n).astype(np.int64), n - 1)
+    chosen = np.zeros((B, T, n), dtype=bool)
+    np.put_along_axis(chosen, centres[..., :1], True, axis=-1)
+    mind2 = d2[rows, centres[..., 0]]  # (B, T, n): squared distance to the nearest centre so far
+    for c in range(1, k):
+        cum = np.cumsum(mind2, axis=-1)
+        total = cum[..., -1]
+        j = np.minimum((cum <= (u[..., c] * total)[..., None]).sum(-1), n - 1)  # searchsorted(side="right")
+        j = np.where(total > 0, j, np.argmax(~chosen, axis=-1))  # all points on centres: lowest unused index
+        centres[..., c] = j
+        np.put_along_axis(chosen, j[..., None], True, axis=-1)
+        mind2 = np.minimum(mind2, d2[rows, j])
+    return centres
+
+
+def batch_lloyd(gram: np.ndarray, centres: np.ndarray, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd's iterations for every (prompt, start) until no label changes. gram (B, n, n), centres (B, T, k)
+    point indices -> labels (B, T, n), inertia (B, T). Ties go to the lower centre; an empty cluster keeps its centre.
+
+    A converged start recomputes the same centres, so a prompt iterates until all its starts have converged;
+    prompts whose starts have all converged leave the working set.
+    """
+    B, T, k = centres.shape
+    n = gram.shape[-1]
+    out_labels = np.zeros((B, n, T), dtype=np.int64)
+    out_inertia = np.zeros((B, T))
+    ids, g, sq = np.arange(B), gram, np.einsum("bii->bi", gram)  # the working set: prompts still moving
+    v = (np.arange(n)[None, :, None, None] == centres[:, None, :, :]).astype(np.float64)  # (B, n, T, k): c = X^T v
+    labels, done = np.zeros((B, n, T), dtype=np.int64), np.zeros((B, T), dtype=bool)
+    for it in range(max_iter):
+        a = len(ids)
+        gv = (g @ v.reshape(a, n, T * k)).reshape(a, n, T, k)  # (a, n, T, k): x_i . c
+        score = np.einsum("bntk,bntk->btk", v, gv)[:, None] - 2.0 * gv  # |x_i - c|^2 - |x_i|^2
+        new = score.argmin(axis=-1)  # (a, n, T)
+        moving = ~done
+        converged = moving & (new == labels).all(axis=1) if it > 0 else np.zeros_like(done)
+        inertia = (np.take_along_axis(score, new[..., None], axis=-1)[..., 0] + sq[:, :, None]).sum(axis=1)
+        out_labels[ids] = np.where(moving[:, None, :], new, out_labels[ids])
+        out_inertia[ids] = np.where(moving, inertia, out_inertia[ids])
+        done = done | converged
+        keep = ~done.all(axis=1)
+        if not keep.any():
+            break
+        if not keep.all():
+            ids, g, sq, v, new, done = ids[keep], g[keep], sq[keep], v[keep], new[keep], done[keep]
+        labels = new
+        onehot = new[..., None] == np.arange(k)  # (a, n, T, k)
+        counts = onehot.sum(axis=1)  # (a, T, k)
+        means = onehot * (1.0 / np.maximum(counts, 1))[:, None]
+        v = np.where(counts[:, None] > 0, means, v) if (counts == 0).any() else means
+    return out_labels.transpose(0, 2, 1), out_inertia
+
+
+def batch_kmeans(points: np.ndarray, k: int, seeds: np.ndarray, *, n_init: int, max_iter: int) -> np.ndarray:
+    """Euclidean k-means with n_init k-means++ starts, lowest inertia wins (first on ties). (B, n, d) -> (B, n)."""
+    B = len(points)
+    gram, d2 = gram_and_sq_distances(points)
+    u = seeded_uniforms(seeds, STREAM_KMEANS, n_init * k).reshape(B, n_init, k)
+    labels, inertia = batch_lloyd(gram, batch_kmeanspp(d2, u), max_iter)
+    return labels[np.arange(B), inertia.argmin(axis=1)]
+
+
+def first_appearance(labels: np.ndarray, k: int) -> np.ndarray:
+    """Renumber cluster ids by first appearance along each row; -1 stays -1. (B, N) -> (B, N)."""
+    B, N = labels.shape
+    onehot = labels[:, :, None] == np.arange(k)  # (B, N, k)
+    first = np.where(onehot.any(axis=1), onehot.argmax(axis=1), N + np.arange(k))  # (B, k), absent ids last
+    rank = np.argsort(np.argsort(first, axis=1), axis=1)  # (B, k): new id of each old id
+    return np.where(labels >= 0, np.take_along_axis(rank, np.maximum(labels, 0), axis=1), -1)
