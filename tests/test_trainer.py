@@ -67,8 +67,8 @@ def dropout_policy(policy, tmp_path_factory) -> str:
 
 
 def tiny_cfg(**overrides) -> TrainConfig:
-    base = dict(lr=1e-3, grad_accum=1, groups_per_step=1, warmup_ratio=0.0, scheduler="constant",
-                max_length=64, max_prompt_length=32, seed=0)
+    base = {"lr": 1e-3, "grad_accum": 1, "groups_per_step": 1, "warmup_ratio": 0.0, "scheduler": "constant",
+            "max_length": 64, "max_prompt_length": 32, "seed": 0}
     return TrainConfig(**{**base, **overrides})
 
 
@@ -105,7 +105,8 @@ def test_loss_fn_adds_the_eos_regulariser():
 def test_plan_is_seeded_and_covers_each_epoch():
     plan = plan_steps(5, groups_per_step=2, grad_accum=1, num_processes=1, epochs=2, seed=3)
     assert [len(s) for s in plan] == [2, 2, 1, 2, 2, 1]  # steps never straddle epochs
-    assert sorted(sum(plan[:3], [])) == list(range(5)) and sorted(sum(plan[3:], [])) == list(range(5))
+    for epoch in (plan[:3], plan[3:]):
+        assert sorted(i for step in epoch for i in step) == list(range(5))
     assert plan == plan_steps(5, groups_per_step=2, grad_accum=1, num_processes=1, epochs=2, seed=3)
     assert epoch_order(5, seed=3, epoch=0) != epoch_order(5, seed=3, epoch=1)
 
@@ -185,7 +186,7 @@ def test_resume_after_a_crash_gives_the_same_losses(dropout_policy, tmp_path):
                     progress=lambda step, total, m: seen.append(step))
     assert seen == [5, 6]  # only the steps after the last saved state ran again
     assert resumed.losses == pytest.approx(full.losses, abs=1e-6)
-    assert len(set(round(x, 4) for x in full.losses)) > 1
+    assert len({round(x, 4) for x in full.losses}) > 1
 
 
 def test_resume_refuses_a_state_from_another_config(policy, tmp_path):
