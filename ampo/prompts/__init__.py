@@ -11,7 +11,13 @@ import logging
 from collections.abc import Callable
 
 from ampo.config import EvalConfig, PromptsConfig
-from ampo.prompts.generator import generated_prompt, generated_prompts, generated_round, generator_space, heldout_prompts
+from ampo.prompts.generator import (
+    generated_prompt,
+    generated_prompts,
+    generated_round,
+    generator_space,
+    heldout_prompts,
+)
 from ampo.prompts.prompt import PROMPT_ID_PATTERN, Prompt
 from ampo.prompts.sources import (
     ifbench_test_path,
@@ -23,9 +29,21 @@ from ampo.prompts.sources import (
 )
 
 __all__ = [
-    "EVAL_SOURCES", "PROMPT_ID_PATTERN", "Prompt", "TRAINING_SOURCES", "eval_prompts", "generated_prompt",
-    "generated_prompts", "generator_space", "heldout_prompts", "ifbench_test_path", "ifbench_test_prompts",
-    "read_datasets", "read_jsonl", "round_slice", "training_prompts",
+    "EVAL_SOURCES",
+    "PROMPT_ID_PATTERN",
+    "TRAINING_SOURCES",
+    "Prompt",
+    "eval_prompts",
+    "generated_prompt",
+    "generated_prompts",
+    "generator_space",
+    "heldout_prompts",
+    "ifbench_test_path",
+    "ifbench_test_prompts",
+    "read_datasets",
+    "read_jsonl",
+    "round_slice",
+    "training_prompts",
 ]
 
 log = logging.getLogger(__name__)

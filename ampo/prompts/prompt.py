@@ -25,7 +25,7 @@ class Prompt:
                 "(letters, digits, '_', '.', ':', '-'; max 128; no '/', quotes or spaces)"
             )
         if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise ValueError(f"prompt {self.prompt_id!r} has an empty prompt text")
+            raise ValueError(f"prompt {self.prompt_id!r} has no prompt text (got {self.prompt!r})")
         if not all(isinstance(i, str) and i for i in self.instruction_id_list):
             raise ValueError(f"prompt {self.prompt_id!r}: instruction ids must be non-empty strings, "
                              f"got {self.instruction_id_list!r}")

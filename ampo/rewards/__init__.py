@@ -52,11 +52,12 @@ class ScoreResult:
 class RewardStack:
     """The configured components, built once (a classifier loads its model here), scored together."""
 
-    def __init__(self, cfg: RewardConfig, runtime: RuntimeConfig = RuntimeConfig()):
+    def __init__(self, cfg: RewardConfig, runtime: RuntimeConfig | None = None):
         for c in cfg.components:
             if not math.isfinite(c.weight):
                 raise ValueError(f"reward component {c.column!r} has weight {c.weight}; weights must be finite")
         self.cfg = cfg
+        runtime = runtime or RuntimeConfig()
         self.fns: dict[str, RewardFn] = {c.column: REWARDS[c.kind](c, runtime) for c in cfg.components}
 
     def validate(self, prompts: list[Prompt]) -> None:

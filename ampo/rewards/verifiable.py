@@ -43,7 +43,6 @@ def instruction_registry() -> dict[str, type]:
     """IFEval's and IFBench's checker classes by instruction id (imported on first use; no NLTK downloads)."""
     import langdetect
     import nltk
-
     from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT as ifeval
 
     real_download, nltk.download = nltk.download, _refuse_download  # ifbench downloads NLTK data at import
