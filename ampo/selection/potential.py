@@ -12,10 +12,12 @@ import numpy as np
 
 
 def zscore(values: np.ndarray) -> np.ndarray:
-    """(v - mean) / std with ddof=0, as np.std in the reference. A constant column (std = 0) scores 0 everywhere."""
+    """(v - mean) / std with ddof=0, as np.std in the reference. A constant column scores 0 everywhere (its
+    rounded std need not be 0: np.full(3, .7).std() = 1.1e-16 would blow rounding up to +-1)."""
     v = np.asarray(values, dtype=np.float64)
-    std = v.std()
-    return np.zeros_like(v) if std == 0 else (v - v.mean()) / std
+    if len(v) == 0 or v.max() == v.min():
+        return np.zeros_like(v)
+    return (v - v.mean()) / v.std()
 
 
 def alignment_potential(rm_margin, logp_margin_abs, *, logp_weight: float = 1.0) -> np.ndarray:
