@@ -25,7 +25,16 @@ PROMPT_ID_PATTERN = (
     r"^[A-Za-z0-9][A-Za-z0-9_.:+=@-]{0,127}$"  # no '/', quotes or spaces: safe in ids and filters
 )
 STAGE_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
-STAGES = ("generate", "score", "embed", "select", "ref", "train", "evaluate", "promote")  # a round, in order
+STAGES = (
+    "generate",
+    "score",
+    "embed",
+    "select",
+    "reflogps",
+    "train",
+    "evaluate",
+    "promote",
+)  # a round, in order
 ROLES = ("chosen", "rejected", "")
 STAGE_STATUSES = ("running", "done", "failed")
 CHECKPOINT_STATUSES = ("candidate", "champion", "rejected", "retired")

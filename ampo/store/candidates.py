@@ -60,12 +60,23 @@ class CandidatesView:
         return pools_from_arrow(table, self.dim if with_vectors else 0, n_excluded)
 
     def read_rows(
-        self, run: str, round: int, columns: Sequence[str] | None = None, *, selected: bool | None = None
+        self,
+        run: str,
+        round: int,
+        columns: Sequence[str] | None = None,
+        *,
+        selected: bool | None = None,
+        embedded: bool | None = None,
     ) -> pa.Table:
-        """Rows of (run, round) as Arrow, sorted by (prompt_id, sample); `columns` default to all."""
+        """Rows of (run, round) as Arrow, sorted by (prompt_id, sample); `columns` default to all.
+
+        selected / embedded: only rows that are (not) selected / have (no) vector yet; None: all.
+        """
         columns = self._check_columns(columns)
         where = filters.all_of(
-            filters.round_is(run, round), None if selected is None else filters.selected_is(selected)
+            filters.round_is(run, round),
+            None if selected is None else filters.selected_is(selected),
+            None if embedded is None else (filters.EMBEDDED if embedded else filters.NOT_EMBEDDED),
         )
         keys = [c for c in ("prompt_id", "sample") if c not in columns]
         table = scan(self.table, where, list(columns) + keys)

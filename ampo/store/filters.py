@@ -70,3 +70,4 @@ def check_id(row_id: str) -> str:
 
 USABLE = "dropped_reason IS NULL AND reward IS NOT NULL"  # rows a selector may use
 EMBEDDED = "vector IS NOT NULL"
+NOT_EMBEDDED = "vector IS NULL"

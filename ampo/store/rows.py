@@ -50,13 +50,13 @@ def _columns(rows: Rows, schema: pa.Schema) -> dict[str, object]:
 
 
 def _cast(values, field: pa.Field, n: int) -> pa.Array | pa.ChunkedArray:
-    if pa.types.is_fixed_size_list(field.type) and isinstance(values, np.ndarray) and values.ndim == 2:
-        values = vectors_to_arrow(values, field.type.list_size)
-    elif isinstance(values, list) and pa.types.is_fixed_size_list(field.type):
-        values = pa.array([None if v is None else np.asarray(v, np.float32) for v in values], field.type)
     try:
-        array = values if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(values, field.type)
-        array = array.cast(field.type)
+        if pa.types.is_fixed_size_list(field.type) and isinstance(values, np.ndarray) and values.ndim == 2:
+            values = vectors_to_arrow(values, field.type.list_size)
+        elif pa.types.is_fixed_size_list(field.type) and isinstance(values, list):
+            values = pa.array([None if v is None else np.asarray(v, np.float32) for v in values], field.type)
+        array = values if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(values)
+        array = array.cast(field.type)  # a safe cast: 1.5 -> int64 raises instead of truncating
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError) as err:
         raise ValueError(f"column {field.name!r} cannot be stored as {field.type}: {err}") from err
     if len(array) != n:
@@ -89,10 +89,25 @@ def vectors_to_arrow(vectors: np.ndarray, dim: int) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)
 
 
-def vectors_to_numpy(array: pa.Array | pa.ChunkedArray, dim: int) -> np.ndarray:
-    """FixedSizeList<float32>[dim] without nulls -> (n, dim) float32 (one copy at most)."""
-    if isinstance(array, pa.ChunkedArray):
-        array = array.combine_chunks() if array.num_chunks != 1 else array.chunk(0)
-    assert array.null_count == 0, "vectors_to_numpy needs a column without nulls"
-    flat = array.flatten().to_numpy(zero_copy_only=False)  # flatten() respects slicing offsets
-    return flat.astype(np.float32, copy=False).reshape(len(array), dim)
+def vectors_to_numpy(
+    column: pa.Array | pa.ChunkedArray, dim: int, order: np.ndarray | None = None
+) -> np.ndarray:
+    """FixedSizeList<float32>[dim] without nulls -> (n, dim) float32, rows permuted by `order` if given.
+
+    Each Arrow chunk is viewed without a copy and scattered once into the output: one copy in all.
+    """
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    n = sum(len(c) for c in chunks)
+    destination = np.arange(n) if order is None else np.empty(n, np.int64)
+    if order is not None:
+        destination[np.asarray(order)] = np.arange(n)  # row i of the column goes to destination[i]
+    out = np.empty((n, dim), np.float32)
+    start = 0
+    for chunk in chunks:
+        assert chunk.null_count == 0, "vectors_to_numpy needs a column without nulls"
+        values = (
+            chunk.flatten().to_numpy(zero_copy_only=False).reshape(len(chunk), dim)
+        )  # flatten() honours offsets
+        out[destination[start : start + len(chunk)]] = values
+        start += len(chunk)
+    return out

@@ -1,0 +1,174 @@
+"""Store throughput: writing and reading one round of P prompts x N responses x d-dim vectors.
+
+    .venv/bin/python benchmarks/store.py                 # 10,000 x 32 x 384 = 320k rows (a few minutes)
+    .venv/bin/python benchmarks/store.py --prompts 500   # quick
+
+Measures, each against a baseline timed in the same run:
+- writes: upsert_candidates (merge_insert) in 64-prompt batches, as the generate stage writes, vs one bulk
+  `table.add` of the same rows; a re-run of the same batches (all matched, nothing inserted); update_candidates of
+  one column for the whole round (the score stage);
+- reads: read_pools over the whole round vs `table.to_pandas()` + per-prompt Python grouping (arrays compared equal);
+- search: filtered neighbour search (k=10, one round) latency, vs numpy brute force over the round's vectors.
+Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("LANCE_LOG", "error")
+
+import lancedb  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+
+from ampo.schema import make_candidate_model  # noqa: E402
+from ampo.store import Store  # noqa: E402
+from ampo.store.rows import to_table, vectors_to_arrow  # noqa: E402
+
+RUN = "bench"
+
+
+def make_rows(prompts: int, n: int, dim: int, round: int = 0, seed: int = 0) -> pa.Table:
+    """P*N synthetic candidate rows: ~300-character responses, unit-norm vectors, a few dropped rows."""
+    rng = np.random.default_rng(seed)
+    rows = prompts * n
+    prompt_ids = np.repeat([f"p{i:06d}" for i in range(prompts)], n)
+    samples = np.tile(np.arange(n), prompts)
+    vectors = rng.standard_normal((rows, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    words = np.array(["the", "model", "answer", "is", "a", "short", "list", "of", "words", "and", "numbers"])
+    text = " ".join(rng.choice(words, 60))  # one text body, varied by a per-row prefix
+    reward = rng.standard_normal(rows)
+    dropped = rng.random(rows) < 0.002
+    columns = {
+        "id": [f"{RUN}/{round}/{p}/{s}" for p, s in zip(prompt_ids, samples, strict=True)],
+        "run": [RUN] * rows,
+        "round": np.full(rows, round),
+        "prompt_id": prompt_ids,
+        "sample": samples,
+        "prompt": [f"prompt {p}: write a short list" for p in prompt_ids],
+        "response": [f"{i} {text}" for i in range(rows)],
+        "n_tokens": rng.integers(20, 400, rows),
+        "finish_reason": ["stop"] * rows,
+        "seed": np.full(rows, 1234),
+        "policy": ["init"] * rows,
+        "reward": np.where(dropped, np.nan, reward),
+        "vector": vectors_to_arrow(vectors, dim),
+        "dropped_reason": np.where(dropped, "nonfinite_reward", None),
+    }
+    table = to_table(columns, make_candidate_model(dim))
+    reward = pa.array(np.where(dropped, None, reward), pa.float64(), from_pandas=True)
+    return table.set_column(table.schema.get_field_index("reward"), "reward", reward)
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - start, out
+
+
+def naive_pools(table: lancedb.table.Table) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+    """The baseline: whole table to pandas, then one Python group per prompt."""
+    df = table.to_pandas()
+    df = df[(df["run"] == RUN) & (df["round"] == 0) & df["dropped_reason"].isna() & df["reward"].notna()]
+    prompt_ids, rewards, vectors = [], [], []
+    for prompt_id, group in df.groupby("prompt_id", sort=True):
+        group = group.sort_values("sample")
+        prompt_ids.append(prompt_id)
+        rewards.append(group["reward"].to_numpy())
+        vectors.append(np.stack(group["vector"].to_list()).astype(np.float32))
+    return prompt_ids, rewards, vectors
+
+
+def bench_writes(root: Path, rows: pa.Table, batch_rows: int, dim: int) -> dict[str, float]:
+    bulk_db = lancedb.connect(str(root / "bulk"))
+    bulk = bulk_db.create_table("candidates", schema=rows.schema)
+    t_bulk, _ = timed(bulk.add, rows)
+    store = Store(str(root / "store"), dim=dim)
+    batches = [rows.slice(i, batch_rows) for i in range(0, rows.num_rows, batch_rows)]
+    t_merge, _ = timed(lambda: [store.upsert_candidates(b) for b in batches])
+    assert store.count(RUN, 0) == rows.num_rows, "merge_insert lost or duplicated rows"
+    rerun = batches[:8]
+    t_rerun, _ = timed(lambda: [store.upsert_candidates(b) for b in rerun])
+    assert store.count(RUN, 0) == rows.num_rows, "re-running batches duplicated rows"
+    ids = rows["id"]
+    t_update, _ = timed(store.update_candidates, ids, n_tokens=np.arange(rows.num_rows))
+    t_optimize, created = timed(store.optimize)
+    return {"bulk": t_bulk, "merge": t_merge, "batches": len(batches), "rerun": t_rerun / len(rerun), "update": t_update,
+            "optimize": t_optimize, "indexes": ",".join(created) or "none"}  # fmt: skip
+
+
+def bench_reads(root: Path, dim: int) -> dict[str, float]:
+    store = Store(str(root / "store"), dim=dim)
+    t_pools, pools = timed(store.read_pools, RUN, 0)
+    t_pools2, _ = timed(store.read_pools, RUN, 0)
+    t_naive, (prompt_ids, rewards, vectors) = timed(naive_pools, store.candidates)
+    assert pools.prompt_ids == prompt_ids, "read_pools prompt order differs from the naive grouping"
+    for i in range(0, len(prompt_ids), max(1, len(prompt_ids) // 50)):
+        _, r, v = pools.pool(i)
+        assert np.array_equal(r, rewards[i]) and np.array_equal(v, vectors[i]), f"pool {i} differs"
+    t_padded, _ = timed(pools.padded)
+    rng = np.random.default_rng(1)
+    queries = rng.standard_normal((20, dim)).astype(np.float32)
+    lat = [timed(store.neighbours, q, 10, run=RUN, round=0)[0] for q in queries]
+    brute = [timed(_brute_force, pools.vectors, q, 10)[0] for q in queries]
+    got = store.neighbours(queries[0], 10, run=RUN, round=0)["id"].to_pylist()
+    want = pools.ids[_brute_force(pools.vectors, queries[0], 10)].tolist()
+    return {"pools": min(t_pools, t_pools2), "naive": t_naive, "padded": t_padded, "rows": len(pools.ids),
+            "excluded": pools.n_excluded, "search_ms": 1e3 * statistics.median(lat),
+            "brute_ms": 1e3 * statistics.median(brute), "search_overlap": len(set(got) & set(want))}  # fmt: skip
+
+
+def _brute_force(vectors: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
+    sims = vectors @ (query / np.linalg.norm(query))  # unit-norm rows: cosine similarity
+    top = np.argpartition(-sims, k)[:k]
+    return top[np.argsort(-sims[top])]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=10_000)
+    parser.add_argument("--n", type=int, default=32, help="responses per prompt")
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument(
+        "--batch-prompts", type=int, default=64, help="prompts per upsert, as generate writes"
+    )
+    parser.add_argument("--dir", default=None, help="store folder (default: a temporary folder)")
+    args = parser.parse_args()
+    rows = make_rows(args.prompts, args.n, args.dim)
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        w = bench_writes(Path(tmp), rows, args.batch_prompts * args.n, args.dim)
+        r = bench_reads(Path(tmp), args.dim)
+    n = rows.num_rows
+    print(f"\n{args.prompts} prompts x {args.n} responses x {args.dim}-d = {n:,} rows\n")
+    print("| measurement | time | rows/s | vs baseline |\n|---|---|---|---|")
+    print(f"| bulk `table.add` (baseline) | {w['bulk']:.2f} s | {n / w['bulk']:,.0f} | 1.0x |")
+    print(f"| `upsert_candidates`, {w['batches']} batches of {args.batch_prompts} prompts | {w['merge']:.2f} s | "
+          f"{n / w['merge']:,.0f} | {w['merge'] / w['bulk']:.1f}x slower |")  # fmt: skip
+    per = w["rerun"]
+    print(
+        f"| re-run of a batch (all rows matched) | {per:.2f} s/batch | {args.batch_prompts * args.n / per:,.0f} | |"
+    )
+    print(f"| `update_candidates` one column, whole round | {w['update']:.2f} s | {n / w['update']:,.0f} | |")
+    print(f"| `optimize()` (compact; indexes: {w['indexes']}) | {w['optimize']:.2f} s | | |")
+    print(
+        f"| naive `to_pandas` + per-prompt grouping (baseline) | {r['naive']:.2f} s | {n / r['naive']:,.0f} | 1.0x |"
+    )
+    print(f"| `read_pools` whole round | {r['pools']:.2f} s | {n / r['pools']:,.0f} | "
+          f"{r['naive'] / r['pools']:.1f}x faster |")  # fmt: skip
+    print(f"| `Pools.padded()` | {r['padded']:.2f} s | | |")
+    print(f"| numpy brute force k=10 over the round (baseline) | {r['brute_ms']:.1f} ms | | 1.0x |")
+    print(f"| `neighbours` k=10, filtered to the round (median of 20) | {r['search_ms']:.1f} ms | | "
+          f"{r['search_ms'] / r['brute_ms']:.1f}x |")  # fmt: skip
+    print(f"\nread_pools: {r['rows']:,} usable rows, {r['excluded']} excluded (dropped); "
+          f"neighbours top-10 agrees with brute force on {r['search_overlap']}/10")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,475 @@
+"""The LanceDB store: idempotent upserts, partial updates, pools vs a naive grouping, stages, tags, champion, filters."""
+
+import json
+import random
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from ampo.schema import candidate_id
+from ampo.store import INDEX_MIN_ROWS, Store, StoreConflictError, round_tag
+from ampo.store import filters as F
+from ampo.store.tables import upsert
+
+DIM = 4
+
+
+def unit(v):
+    v = np.asarray(v, np.float32)
+    return v / np.linalg.norm(v)
+
+
+def rows_for(run, round, sizes, *, seed=0, vectors=True):
+    """One row per (prompt, sample) for pools of the given sizes; rewards and vectors random but seeded."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for prompt_id, n in sizes.items():
+        for k in range(n):
+            row = {"id": candidate_id(run, round, prompt_id, k), "run": run, "round": round, "prompt_id": prompt_id,
+                   "sample": k, "prompt": f"prompt {prompt_id}", "response": f"response {prompt_id} {k}",
+                   "n_tokens": 10 + k, "finish_reason": "stop", "seed": 7, "policy": "init",
+                   "reward": float(rng.standard_normal())}  # fmt: skip
+            if vectors:
+                row["vector"] = unit(rng.standard_normal(DIM))
+            rows.append(row)
+    return rows
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store(str(tmp_path / "store"), dim=DIM)
+
+
+def test_upsert_twice_is_idempotent(store):
+    rows = rows_for("run-a", 0, {"p1": 3, "p2": 2})
+    v1 = store.upsert_candidates(rows)
+    ids1 = sorted(store.read_rows("run-a", 0, ["id"])["id"].to_pylist())
+    v2 = store.upsert_candidates(rows)
+    assert store.count("run-a", 0) == 5 and store.candidates.count_rows() == 5
+    assert sorted(store.read_rows("run-a", 0, ["id"])["id"].to_pylist()) == ids1
+    assert v2 == v1 + 1  # one merge_insert, one commit
+
+
+def test_upsert_replaces_a_changed_row(store):
+    rows = rows_for("r", 0, {"p": 2})
+    store.upsert_candidates(rows)
+    rows[1]["response"] = "new text"
+    store.upsert_candidates(rows[1:])
+    assert store.read_rows("r", 0, ["response"])["response"].to_pylist() == ["response p 0", "new text"]
+
+
+def test_partial_update_leaves_other_columns_alone(store):
+    store.upsert_candidates(rows_for("r", 0, {"p": 3, "q": 2}))
+    before = store.read_rows("r", 0)
+    ids = ["r/0/p/1", "r/0/q/0"]
+    store.update_candidates(ids, reward=[5.0, -5.0], reward_parts=['{"a": 5.0}', '{"a": -5.0}'])
+    after = store.read_rows("r", 0)
+    assert after["id"].to_pylist() == before["id"].to_pylist()  # same rows, same (prompt, sample) order
+    for name in before.column_names:
+        if name not in ("reward", "reward_parts"):
+            assert after[name].to_pylist() == before[name].to_pylist(), name
+    got = dict(zip(after["id"].to_pylist(), after["reward"].to_pylist(), strict=True))
+    want = dict(zip(before["id"].to_pylist(), before["reward"].to_pylist(), strict=True)) | {
+        ids[0]: 5.0,
+        ids[1]: -5.0,
+    }
+    assert got == want
+
+
+def test_update_vectors_from_a_2d_array(store):
+    store.upsert_candidates(rows_for("r", 0, {"p": 3}, vectors=False))
+    assert store.count("r", 0) == 3 and store.read_rows("r", 0, ["id"], embedded=True).num_rows == 0
+    vectors = np.arange(12, dtype=np.float32).reshape(3, 4)
+    store.update_candidates(["r/0/p/0", "r/0/p/1", "r/0/p/2"], vector=vectors)
+    got = np.array(store.read_rows("r", 0, ["vector"])["vector"].to_pylist(), np.float32)
+    assert np.array_equal(got, vectors)
+
+
+@pytest.mark.parametrize(
+    ("ids", "columns", "match"),
+    [
+        (["r/0/p/0"], {"sample": [3]}, "non-key columns"),  # keys never change
+        (["r/0/p/0"], {}, "non-key columns"),
+        (["r/0/p/0", "r/0/p/0"], {"reward": [1.0, 2.0]}, "repeats"),
+        (["r/0/p/0"], {"role": ["winner"]}, "role 'winner'"),
+        (["r/0/p/0"], {"vector": np.full((1, DIM), np.nan)}, "non-finite"),
+        (["r/0/p/0"], {"vector": np.ones((1, DIM + 1))}, r"shape \(n, 4\), got \(1, 5\)"),
+        (["r/0/p/0"], {"n_tokens": [1.5]}, "cannot be stored as int64"),
+        (["r/0/p/0"], {"colour": ["red"]}, "unknown column"),
+        (["r/0/p/0", "r/0/p/9"], {"reward": [1.0, 2.0]}, "1 of 2 ids are not candidates"),
+    ],
+)
+def test_bad_updates_raise(store, ids, columns, match):
+    store.upsert_candidates(rows_for("r", 0, {"p": 2}))
+    with pytest.raises(ValueError, match=match):
+        store.update_candidates(ids, **columns)
+
+
+def test_bad_upserts_raise(store):
+    rows = rows_for("r", 0, {"p": 2})
+    with pytest.raises(ValueError, match="must be run/round/prompt_id/sample"):
+        store.upsert_candidates([dict(rows[0], id="r/0/p/5")])
+    with pytest.raises(ValueError, match="repeats"):
+        store.upsert_candidates([rows[0], rows[0]])
+    with pytest.raises(ValueError, match="required column 'response'"):
+        store.upsert_candidates([{k: v for k, v in rows[0].items() if k != "response"}])
+    with pytest.raises(ValueError, match="prompt_id 'a b'"):
+        store.upsert_candidates([dict(rows[0], prompt_id="a b", id="r/0/a b/0")])
+    assert store.candidates.count_rows() == 0  # nothing half-written
+
+
+def naive_pools(rows):
+    """Reference: group row dicts per prompt in Python, sort by sample, skip unusable rows."""
+    groups = {}
+    for r in rows:
+        if r["dropped_reason"] is None and r["reward"] is not None and np.isfinite(r["reward"]):
+            groups.setdefault(r["prompt_id"], []).append(r)
+    out = {}
+    for prompt_id in sorted(groups):
+        g = sorted(groups[prompt_id], key=lambda r: r["sample"])
+        out[prompt_id] = (
+            [r["id"] for r in g],
+            np.array([r["reward"] for r in g]),
+            np.array([r["vector"] for r in g]),
+        )
+    return out
+
+
+def test_read_pools_equals_naive_grouping(store):
+    sizes = {"p3": 3, "p1": 1, "p10": 8, "p2": 5, "a": 2}  # varying N; "p10" sorts before "p2"
+    rows = rows_for("run-a", 1, sizes, seed=1)
+    random.Random(0).shuffle(rows)
+    for start in range(0, len(rows), 6):  # several commits, shuffled order
+        store.upsert_candidates(rows[start : start + 6])
+    store.upsert_candidates(rows_for("run-a", 0, {"p1": 4}) + rows_for("run-b", 1, {"p1": 4}))  # other rounds
+    pools = store.read_pools("run-a", 1)
+    want = naive_pools(store.read_rows("run-a", 1).to_pylist())
+    assert pools.prompt_ids == ["a", "p1", "p10", "p2", "p3"] == list(want)
+    assert pools.offsets.tolist() == [0, 2, 3, 11, 16, 19]  # cumulative sizes 2, 1, 8, 5, 3
+    for i, prompt_id in enumerate(pools.prompt_ids):
+        ids, rewards, vectors = pools.pool(i)
+        assert ids.tolist() == want[prompt_id][0]
+        assert np.array_equal(rewards, want[prompt_id][1])
+        assert np.array_equal(vectors, want[prompt_id][2].astype(np.float32))
+        assert pools.samples[pools.offsets[i] : pools.offsets[i + 1]].tolist() == list(
+            range(sizes[prompt_id])
+        )
+    assert pools.vectors.dtype == np.float32 and pools.vectors.shape == (19, DIM) and pools.n_excluded == 0
+
+
+def test_padded_pools_equal_naive_padding(store):
+    store.upsert_candidates(rows_for("r", 0, {"a": 3, "b": 1, "c": 2}, seed=2))
+    pools = store.read_pools("r", 0)
+    padded = pools.padded()
+    assert padded.rewards.shape == (3, 3) and padded.vectors.shape == (3, 3, DIM)
+    assert padded.lengths.tolist() == [3, 1, 2]
+    assert padded.mask.tolist() == [[True, True, True], [True, False, False], [True, True, False]]
+    for i in range(3):
+        _, rewards, vectors = pools.pool(i)
+        n = len(rewards)
+        assert np.array_equal(padded.rewards[i, :n], rewards) and np.isnan(padded.rewards[i, n:]).all()
+        assert np.array_equal(padded.vectors[i, :n], vectors) and not padded.vectors[i, n:].any()
+    assert pools.to_ids(2, np.array([1, 0])).tolist() == ["r/0/c/1", "r/0/c/0"]
+    with pytest.raises(ValueError, match="out of range"):
+        pools.to_ids(1, [1])
+
+
+def test_dropped_unscored_and_nan_rows_are_excluded_and_counted(store):
+    store.upsert_candidates(rows_for("r", 0, {"p": 6, "q": 2}))
+    store.update_candidates(
+        ["r/0/p/0", "r/0/q/1"], dropped_reason=["nonfinite_reward"] * 2, reward=[None, None]
+    )
+    store.update_candidates(["r/0/p/3"], reward=[None])  # not scored
+    store.update_candidates(["r/0/p/4"], reward=[float("nan")])  # non-finite but not marked
+    pools = store.read_pools("r", 0)
+    assert pools.n_excluded == 4  # 2 dropped + 1 unscored + 1 NaN
+    assert pools.ids.tolist() == ["r/0/p/1", "r/0/p/2", "r/0/p/5", "r/0/q/0"]
+    assert pools.offsets.tolist() == [0, 3, 4]
+    assert store.count("r", 0) == 8  # nothing was lost
+
+
+def test_read_pools_needs_vectors_unless_asked_not_to(store):
+    store.upsert_candidates(rows_for("r", 0, {"p": 3}, vectors=False))
+    with pytest.raises(ValueError, match="run the embed stage first"):
+        store.read_pools("r", 0)
+    pools = store.read_pools("r", 0, with_vectors=False)
+    assert pools.vectors.shape == (3, 0) and len(pools) == 1
+
+
+def test_set_selection_replaces_the_previous_selection(store):
+    store.upsert_candidates(rows_for("r", 0, {"p": 4, "q": 3}))
+    store.set_selection(
+        "r", 0, ["r/0/p/0", "r/0/p/1", "r/0/q/2"], ["chosen", "rejected", "chosen"], selector="x"
+    )
+    store.set_selection(
+        "r", 0, ["r/0/p/1", "r/0/p/3"], ["chosen", "rejected"], selector="coreset", clusters=[0, 1]
+    )
+    rows = store.read_rows(
+        "r", 0, ["id", "selected", "role", "selector", "cluster"], selected=True
+    ).to_pylist()
+    assert rows == [
+        {"id": "r/0/p/1", "selected": True, "role": "chosen", "selector": "coreset", "cluster": 0},
+        {"id": "r/0/p/3", "selected": True, "role": "rejected", "selector": "coreset", "cluster": 1},
+    ]
+    cleared = store.read_rows("r", 0, ["role", "selector", "cluster"], selected=False).to_pylist()
+    assert all(r == {"role": "", "selector": "", "cluster": None} for r in cleared) and len(cleared) == 5
+    pools = store.read_pools("r", 0, selected_only=True)
+    assert pools.prompt_ids == ["p"] and pools.ids.tolist() == ["r/0/p/1", "r/0/p/3"]
+    with pytest.raises(ValueError, match="must belong to run 'r' round 0"):
+        store.set_selection("r", 0, ["r/1/p/0"], ["chosen"], selector="x")
+
+
+def test_stage_bookkeeping(store):
+    assert store.stage_status("r", 0) == {} and not store.is_done("r", 0, "generate")
+    store.stage_started("r", 0, "generate")
+    assert store.stage_status("r", 0)["generate"]["status"] == "running" and not store.is_done(
+        "r", 0, "generate"
+    )
+    version = store.upsert_candidates(rows_for("r", 0, {"p": 2}))
+    record = store.stage_done("r", 0, "generate", {"rows": 2}, 1.5, metrics={"gen/tokens": 21.0})
+    assert store.is_done("r", 0, "generate") and not store.is_done("r", 1, "generate")
+    assert record["store_version"] == version  # the version holding the stage's data
+    assert (
+        record["counts"] == {"rows": 2}
+        and record["metrics"] == {"gen/tokens": 21.0}
+        and record["seconds"] == 1.5
+    )
+    assert record["attempts"] == 1 and record["started_at"] <= record["finished_at"]
+    store.stage_started("r", 0, "score")
+    store.stage_failed("r", 0, "score", "reward model out of memory")
+    store.stage_started("r", 0, "score")  # the retry
+    status = store.stage_status("r", 0)
+    assert list(status) == ["generate", "score"]
+    assert status["score"]["status"] == "running" and status["score"]["attempts"] == 2
+    assert status["score"]["message"] == ""
+    store.stage_done("r", 0, "promote", {}, 0.1, gate={"passed": False, "win_rate": 0.25})
+    assert store.stage_status("r", 0)["promote"]["gate"] == {"passed": False, "win_rate": 0.25}
+    assert store.stage_status("r", 0)["promote"]["attempts"] == 1  # done without a start record
+
+
+def test_tag_pins_a_round_and_checkout_reads_it(store):
+    store.upsert_candidates(rows_for("run-a", 0, {"p": 3}))
+    tag = store.tag_round("run-a", 0)
+    assert tag == "run-a-r0" and store.tag_round("run-a", 0) == tag  # idempotent
+    store.update_candidates(["run-a/0/p/0"], response=["rewritten"])
+    store.upsert_candidates(rows_for("run-a", 1, {"p": 2}))
+    view = store.checkout_round("run-a", 0)
+    assert view.read_rows("run-a", 0, ["response"])["response"].to_pylist()[0] == "response p 0"
+    assert store.read_rows("run-a", 0, ["response"])["response"].to_pylist()[0] == "rewritten"
+    assert view.count("run-a", 1) == 0 and store.count("run-a", 1) == 2
+    assert view.prompt_pool("run-a", 0, "p").num_rows == 3
+    assert not hasattr(view, "update_candidates")
+    with pytest.raises(ValueError, match="cannot be modified"):  # LanceDB itself refuses writes to a checkout
+        view.table.add(store.read_rows("run-a", 1))
+    with pytest.raises(ValueError, match="has no tag 'run-a-r5'"):
+        store.checkout_round("run-a", 5)
+
+
+def test_round_tag_names_fit_the_tag_charset(store):
+    assert round_tag("exp.1_b", 12) == "exp.1_b-r12"
+    odd = round_tag("a..b", 0)  # lance tags may not contain '..'
+    assert ".." not in odd and odd != round_tag("a__b", 0) and odd.endswith("-r0")
+    store.upsert_candidates(rows_for("a..b", 0, {"p": 1}))
+    assert store.tag_round("a..b", 0) == odd and store.checkout_round("a..b", 0).count("a..b", 0) == 1
+
+
+def checkpoint(id, round, status="candidate", parent=None):
+    return {"id": id, "run": "r", "round": round, "path": f"/ckpt/{id}", "status": status, "parent": parent,
+            "metrics": {"reward": round / 10}, "config_hash": "abc"}  # fmt: skip
+
+
+def test_exactly_one_champion_after_each_swap(store):
+    for i in range(3):
+        store.upsert_checkpoint(checkpoint(f"r/c{i}", i - 1, parent=f"r/c{i - 1}" if i else None))
+    store.upsert_checkpoint(dict(checkpoint("other/c0", -1), run="other"))
+    assert store.champion("r") is None
+    for i in range(3):
+        version = store.checkpoints.version
+        assert store.set_champion("r", f"r/c{i}") == version + 1  # promote + retire: one commit
+        statuses = {c["id"]: c["status"] for c in store.list_checkpoints("r")}
+        assert list(statuses.values()).count("champion") == 1 and statuses[f"r/c{i}"] == "champion"
+        assert all(statuses[f"r/c{j}"] == "retired" for j in range(i))
+    assert (
+        store.champion("r")["metrics"] == {"reward": 0.1} and store.champion("r")["promoted_at"] is not None
+    )
+    assert store.set_champion("r", "r/c2") == store.checkpoints.version  # re-promoting writes nothing
+    assert store.get_checkpoint("other/c0")["status"] == "candidate"  # other runs untouched
+
+
+def test_champion_is_only_set_by_set_champion(store):
+    with pytest.raises(ValueError, match="only by set_champion"):
+        store.upsert_checkpoint(checkpoint("r/c0", -1, status="champion"))
+    with pytest.raises(ValueError, match="status 'best'"):
+        store.upsert_checkpoint(checkpoint("r/c0", -1, status="best"))
+    store.upsert_checkpoint(checkpoint("r/c0", -1))
+    with pytest.raises(ValueError, match="not found in run 'r'"):
+        store.set_champion("r", "r/c9")
+    with pytest.raises(ValueError, match="not found in run 'x'"):
+        store.set_champion("x", "r/c0")
+    store.upsert_checkpoint(
+        {"id": "r/c0", "status": "rejected"}
+    )  # a partial update of an existing checkpoint
+    assert (
+        store.get_checkpoint("r/c0")["status"] == "rejected"
+        and store.get_checkpoint("r/c0")["path"] == "/ckpt/r/c0"
+    )
+
+
+INJECTIONS = ["x' OR '1'='1", "x'OR'1'='1", "p') OR (1=1", "p; DROP TABLE candidates"]
+
+
+@pytest.mark.parametrize("text", INJECTIONS)
+def test_filter_injection_raises_or_matches_nothing(store, text):
+    store.upsert_candidates(rows_for("r", 0, {"p": 2, "q": 1}))
+    store.upsert_checkpoint(checkpoint("r/c0", -1))
+    for query in (
+        lambda: store.prompt_pool("r", 0, text),
+        lambda: store.read_rows(text, 0),
+        lambda: store.count("r", text),
+        lambda: store.neighbours(unit([1, 0, 0, 0]), 3, run=text),
+        lambda: store.stage_status(text, 0),
+    ):
+        with pytest.raises(ValueError):
+            query()
+    try:  # ids allow printable characters; the value is then a quoted literal and matches nothing
+        got = store.get_checkpoint(text)
+    except ValueError:
+        got = None
+    assert got is None
+    try:
+        got = store.candidates.count_rows(F.id_is(text))
+    except ValueError:
+        got = 0
+    assert got == 0
+
+
+def test_filters_quote_values():
+    assert F.id_is("x'OR'1'='1") == "(id = 'x''OR''1''=''1')"
+    assert F.round_is("r", 3) == "((`run` = 'r')) AND ((round = 3))"
+    with pytest.raises(ValueError):
+        F.selected_is("true")
+
+
+def test_audit_queries(store):
+    axes = np.eye(DIM, dtype=np.float32)
+    rows = rows_for("r", 0, {"p": 4, "q": 2}) + rows_for("r", 1, {"p": 1})
+    for row, vector, reward in zip(rows, [axes[0], axes[1], axes[2], axes[3], unit([1, 1, 0, 0]), axes[2], axes[0]],
+                                   [0.5, 2.0, -1.0, None, 0.0, 1.0, 9.0], strict=True):  # fmt: skip
+        row["vector"], row["reward"] = vector, reward
+    store.upsert_candidates(rows)
+    pool = store.prompt_pool("r", 0, "p")
+    assert pool["sample"].to_pylist() == [1, 0, 2, 3] and pool["reward"].to_pylist() == [2.0, 0.5, -1.0, None]
+    assert store.prompt_pool("r", 0, "nobody").num_rows == 0
+    store.set_selection(
+        "r", 0, ["r/0/p/2", "r/0/p/1", "r/0/q/1"], ["rejected", "chosen", "chosen"], selector="x"
+    )
+    groups = store.selected_groups("r", 0)
+    assert list(groups) == ["p", "q"]
+    assert groups["p"]["id"].to_pylist() == ["r/0/p/1", "r/0/p/2"]  # chosen first
+    near = store.neighbours(axes[0], 2, run="r", round=0)
+    assert near["id"].to_pylist() == ["r/0/p/0", "r/0/q/0"]  # distance 0, then 1 - cos(45 deg)
+    assert near["_distance"].to_numpy() == pytest.approx([0.0, 1 - np.sqrt(0.5)], abs=1e-6)
+    assert store.neighbours(axes[0], 1, run="r")["id"].to_pylist()[0] in ("r/0/p/0", "r/1/p/0")
+    assert store.neighbours(axes[0], 1, run="r", round=1)["id"].to_pylist() == ["r/1/p/0"]
+    same = store.neighbours_of_row("r/0/p/2", 1)  # axes[2]; q/1 is the same vector
+    assert same["id"].to_pylist() == ["r/0/q/1"] and same["_distance"][0].as_py() == pytest.approx(
+        0.0, abs=1e-6
+    )
+    assert "r/0/p/0" not in store.neighbours_of_row("r/0/p/0", 10)["id"].to_pylist()
+    text = store.neighbours(
+        "any text", 1, run="r", round=0, embed=lambda texts: np.stack([axes[1]] * len(texts))
+    )
+    assert text["id"].to_pylist() == ["r/0/p/1"]
+    with pytest.raises(ValueError, match="needs embed="):
+        store.neighbours("any text", 1)
+    with pytest.raises(ValueError, match="4 finite floats"):
+        store.neighbours(np.ones(3), 1)
+
+
+def test_existing_store_with_another_dim_raises(tmp_path):
+    Store(str(tmp_path / "s"), dim=DIM)
+    with pytest.raises(ValueError, match="different schema"):
+        Store(str(tmp_path / "s"), dim=8)
+
+
+def test_reopened_store_sees_writes_of_another_handle(tmp_path):
+    a, b = Store(str(tmp_path / "s"), dim=DIM), Store(str(tmp_path / "s"), dim=DIM)
+    a.upsert_candidates(rows_for("r", 0, {"p": 2}))
+    assert b.count("r", 0) == 2 and b.version == a.version
+
+
+def test_memory_uri(tmp_path):
+    store = Store("memory://", dim=DIM)
+    store.upsert_candidates(rows_for("r", 0, {"p": 2}))
+    assert store.read_pools("r", 0).ids.tolist() == ["r/0/p/0", "r/0/p/1"]
+
+
+def test_object_store_uri_is_passed_through(monkeypatch):
+    seen = {}
+
+    def fake_connect(uri, **kwargs):
+        seen["uri"] = uri
+        raise ConnectionAbortedError("stop here")
+
+    monkeypatch.setattr(lancedb, "connect", fake_connect)
+    with pytest.raises(ConnectionAbortedError):
+        Store("s3://bucket/runs/store", dim=DIM)
+    assert seen["uri"] == "s3://bucket/runs/store"
+
+
+def test_optimize_indexes_keep_reads_equal(store):
+    assert INDEX_MIN_ROWS == 100_000
+    store.upsert_candidates(rows_for("r", 0, {"p": 3, "q": 2}))
+    before = store.read_pools("r", 0)
+    assert store.optimize() == []  # below the threshold: no index
+    assert sorted(store.optimize(index_min_rows=1)) == ["id", "round", "run"]
+    after = store.read_pools("r", 0)
+    assert after.ids.tolist() == before.ids.tolist() and np.array_equal(after.vectors, before.vectors)
+    store.update_candidates(["r/0/p/0"], reward=[3.0])  # merge_insert with the id index in place
+    assert store.read_pools("r", 0).rewards[0] == 3.0 and store.count("r", 0) == 5
+
+
+class FailingTable:
+    """A table whose merge_insert fails with `message`, as LanceDB does when a commit loses a race."""
+
+    name = "candidates"
+
+    def __init__(self, message):
+        self.message = message
+
+    def merge_insert(self, on):
+        return self
+
+    def when_matched_update_all(self):
+        return self
+
+    def when_not_matched_insert_all(self):
+        return self
+
+    def execute(self, data, **kwargs):
+        raise RuntimeError(self.message)
+
+
+def test_commit_conflicts_raise_a_clear_error():
+    data = pa.table({"id": ["a"]})
+    with pytest.raises(StoreConflictError, match="one writer per table per stage"):
+        upsert(FailingTable("Retryable commit conflict for version 7"), data)
+    with pytest.raises(RuntimeError, match="disk full") as info:
+        upsert(FailingTable("disk full"), data)
+    assert not isinstance(info.value, StoreConflictError)
+
+
+def test_reward_parts_round_trip_as_json(store):
+    rows = rows_for("r", 0, {"p": 1})
+    rows[0]["reward_parts"] = json.dumps({"verifiable": 1.0, "length": -0.5})
+    store.upsert_candidates(rows)
+    parts = store.read_rows("r", 0, ["reward_parts"])["reward_parts"][0].as_py()
+    assert json.loads(parts) == {"verifiable": 1.0, "length": -0.5}
+
+
+def test_read_rows_rejects_unknown_columns(store):
+    with pytest.raises(ValueError, match="unknown candidates column"):
+        store.read_rows("r", 0, ["id", "score"])
+    assert isinstance(store.read_rows("r", 0, ["id"]), pa.Table)
