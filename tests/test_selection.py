@@ -45,7 +45,9 @@ def test_extremes_by_hand():
 
 def test_mean_split_by_hand():
     # mean([1, 2, 3, 4]) = 2.5: above = {2, 3}, the rest = {0, 1}
-    assert select("mean_split", np.array([1.0, 2, 3, 4]), E5[:4], k=1) == Selection("mean_split", [2, 3], [0, 1])
+    assert select("mean_split", np.array([1.0, 2, 3, 4]), E5[:4], k=1) == Selection(
+        "mean_split", [2, 3], [0, 1]
+    )
     # mean([1, 2, 3]) = 2: r = 2 is not strictly above the mean -> rejected
     assert select("mean_split", np.array([1.0, 2, 3]), E5[:3], k=1) == Selection("mean_split", [2], [0, 1])
 
@@ -135,7 +137,9 @@ def test_optselect_large_rewards_do_not_overflow():
 def test_random_is_seeded_uniform_and_excludes_the_positive():
     r, emb = np.array([0.0, 3, 1, 2, 0.5, -1]), np.zeros((6, 2))
     picks = [tuple(select("random", r, emb, k=2, seed=s).rejected) for s in range(2000)]
-    assert picks[:50] == [tuple(select("random", r, emb, k=2, seed=s).rejected) for s in range(50)]  # determinism
+    assert picks[:50] == [
+        tuple(select("random", r, emb, k=2, seed=s).rejected) for s in range(50)
+    ]  # determinism
     counts = np.bincount(np.concatenate(picks), minlength=6)
     assert counts[1] == 0  # the positive
     # each of the 5 candidates is drawn with p = 2/5: 2000 * .4 = 800, sd = sqrt(2000*.4*.6) = 22; allow 4.5 sd
@@ -157,14 +161,18 @@ def test_coreset_is_invariant_to_the_kmeans_seed_on_islands():
     assert select("bottomk", r, emb, k=3).rejected == [5, 6, 7]  # bottom-3 all from island B
 
 
-@pytest.mark.parametrize("method", ["bottomk", "optselect", "coreset", "random", "extremes", "top_bottom", "mean_split"])
+@pytest.mark.parametrize(
+    "method", ["bottomk", "optselect", "coreset", "random", "extremes", "top_bottom", "mean_split"]
+)
 def test_deterministic(method):
     rng = np.random.default_rng(3)
     r, emb = rng.standard_normal(9), rng.standard_normal((9, 4))
     assert select(method, r, emb, k=3, seed=5) == select(method, r, emb, k=3, seed=5)
 
 
-@pytest.mark.parametrize("method", ["bottomk", "optselect", "coreset", "extremes", "top_bottom", "mean_split"])
+@pytest.mark.parametrize(
+    "method", ["bottomk", "optselect", "coreset", "extremes", "top_bottom", "mean_split"]
+)
 def test_permutation_equivariance(method):
     # permuting the pool permutes the selection: pool position j of the permuted pool is original index perm[j]
     emb = islands(seed=4, per_island=4, centres=((0, 0), (10, 0), (0, 10)))  # coreset: a unique clustering
@@ -201,8 +209,20 @@ def test_seeded_uniforms():
 
 
 def test_registry_keys_and_options():
-    assert sorted(SELECTORS) == ["bottomk", "coreset", "extremes", "mean_split", "optselect", "random", "top_bottom"]
-    assert selector_options("optselect") == {"points": "all", "weight_temperature": 1.0, "solver": "local_search"}
+    assert sorted(SELECTORS) == [
+        "bottomk",
+        "coreset",
+        "extremes",
+        "mean_split",
+        "optselect",
+        "random",
+        "top_bottom",
+    ]
+    assert selector_options("optselect") == {
+        "points": "all",
+        "weight_temperature": 1.0,
+        "solver": "local_search",
+    }
     assert selector_options("coreset") == {"cluster_on": "candidates", "n_init": 10, "max_iter": 100}
     assert selector_options("top_bottom") == {"m": 2}
 
@@ -215,12 +235,28 @@ def test_unknown_selector():
 @pytest.mark.parametrize(
     "method, options, message",
     [
-        ("optselect", {"solver": "foo"}, r"solver='foo' is not allowed; choose from \['local_search', 'exact'\]"),
-        ("optselect", {"points": "some"}, r"points='some' is not allowed; choose from \['all', 'candidates'\]"),
+        (
+            "optselect",
+            {"solver": "foo"},
+            r"solver='foo' is not allowed; choose from \['local_search', 'exact'\]",
+        ),
+        (
+            "optselect",
+            {"points": "some"},
+            r"points='some' is not allowed; choose from \['all', 'candidates'\]",
+        ),
         ("optselect", {"weight_temperature": 0.0}, r"weight_temperature=0.0 must be a finite number > 0"),
-        ("coreset", {"cluster_on": "x"}, r"cluster_on='x' is not allowed; choose from \['candidates', 'all'\]"),
+        (
+            "coreset",
+            {"cluster_on": "x"},
+            r"cluster_on='x' is not allowed; choose from \['candidates', 'all'\]",
+        ),
         ("coreset", {"n_init": 0}, r"n_init=0 must be an int >= 1"),
-        ("coreset", {"solver": "exact"}, r"unknown option 'solver' for selector 'coreset'; allowed: \['cluster_on'"),
+        (
+            "coreset",
+            {"solver": "exact"},
+            r"unknown option 'solver' for selector 'coreset'; allowed: \['cluster_on'",
+        ),
         ("bottomk", {"m": 2}, r"unknown option 'm' for selector 'bottomk'; allowed: \[\]"),
         ("top_bottom", {"m": 0}, r"m=0 must be an int >= 1"),
         ("top_bottom", {"m": 3}, r"m=3 needs a pool of at least 2m = 6 responses; got N=5"),

@@ -84,15 +84,28 @@ def test_one_seed_for_every_prompt():
         assert batched == per_prompt(method, rewards, embeddings, 3, [11] * 12)
 
 
-def test_many_prompts_through_several_chunks(monkeypatch):
+@pytest.mark.parametrize("chunk, floats", [(7, 4_000_000), (512, 1_000)])
+def test_many_prompts_through_several_steps(monkeypatch, chunk, floats):
     import ampo.selection.batched as batched_module
 
-    monkeypatch.setattr(batched_module, "CHUNK", 7)  # 30 prompts of one size -> chunks of 7, 7, 7, 7, 2
+    # CHUNK=7: 30 prompts of one size -> chunks of 7, 7, 7, 7, 2; FLOATS_PER_STEP=1000: one prompt per step
+    monkeypatch.setattr(batched_module, "CHUNK", chunk)
+    monkeypatch.setattr(batched_module, "FLOATS_PER_STEP", floats)
     rewards, embeddings = pools(30, sizes=[9], seed=4)
     for method in ("optselect", "coreset", "bottomk"):
         assert select_batch(method, rewards, embeddings, 4, seed=5) == per_prompt(
             method, rewards, embeddings, 4, [5] * 30
         )
+
+
+def test_coreset_fallback_when_the_positive_is_alone():
+    # cluster_on="all" with the positive far from everything: its cluster gives no negative, the fallback fills in
+    rewards, embeddings = pools(20, sizes=[8], seed=9)
+    for r, e in zip(rewards, embeddings):
+        e[np.argmax(r)] = 100.0
+    expected = per_prompt("coreset", rewards, embeddings, 3, range(20), cluster_on="all")
+    assert all(s.clusters.count(s.clusters[s.chosen[0]]) == 1 for s in expected)  # the positive alone
+    assert select_batch("coreset", rewards, embeddings, 3, seed=np.arange(20), cluster_on="all") == expected
 
 
 def test_exact_solver_loops_over_prompts():
@@ -123,9 +136,15 @@ def test_empty_batch():
         (lambda r, e: select_batch("bottomk", r, e, 0), r"k=0 must be >= 1"),
         (lambda r, e: select_batch("bottomk", r, e, 6), r"prompt 0: N=6"),
         (lambda r, e: select_batch("bottomk", r, e[:2], 2), r"embeddings must be a list of 3 arrays"),
-        (lambda r, e: select_batch("bottomk", r, [e[0], e[1], e[2][:4]], 2), r"prompt 2: rewards \(N,\) and "),
+        (
+            lambda r, e: select_batch("bottomk", r, [e[0], e[1], e[2][:4]], 2),
+            r"prompt 2: rewards \(N,\) and ",
+        ),
         (lambda r, e: select_batch("random", r, e, 2, seed=[1, 2]), r"seed must be an int or 3 ints"),
-        (lambda r, e: select_batch("bottomk", r, e, 2, lengths=[6, 6, 6]), r"lengths is only for padded arrays"),
+        (
+            lambda r, e: select_batch("bottomk", r, e, 2, lengths=[6, 6, 6]),
+            r"lengths is only for padded arrays",
+        ),
     ],
 )
 def test_bad_batches(call, message):
@@ -148,5 +167,7 @@ def test_bad_values_name_the_prompt():
         select_batch("bottomk", r, e, 2, lengths=[6, 6, 7, 6])
     with pytest.raises(ValueError, match=r"prompt 1: a pool needs at least 2 responses; got N=1"):
         select_batch("bottomk", r, e, 1, lengths=[6, 1, 6, 6])
-    with pytest.raises(ValueError, match=r"padded input needs rewards \(B, Nmax\) and embeddings \(B, Nmax, d\)"):
+    with pytest.raises(
+        ValueError, match=r"padded input needs rewards \(B, Nmax\) and embeddings \(B, Nmax, d\)"
+    ):
         select_batch("bottomk", r, e[:, :5], 2)

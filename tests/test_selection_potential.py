@@ -12,7 +12,9 @@ def test_alignment_potential_by_hand():
     rm, lp = np.array([1.0, 2, 3]), np.array([0.0, 0, 3])
     np.testing.assert_allclose(alignment_potential(rm, lp), [-0.5176, 0.7071, -0.1895], atol=1e-4)
     # w = 2: [-1.2247 + 1.4142, 0 + 1.4142, 1.2247 - 2.8284]
-    np.testing.assert_allclose(alignment_potential(rm, lp, logp_weight=2.0), [0.1895, 1.4142, -1.6037], atol=1e-4)
+    np.testing.assert_allclose(
+        alignment_potential(rm, lp, logp_weight=2.0), [0.1895, 1.4142, -1.6037], atol=1e-4
+    )
 
 
 def test_constant_column_scores_zero():
@@ -35,8 +37,11 @@ def test_selection_invariant_to_affine_rescaling_of_rm_margin():
     rm, lp = rng.gamma(2.0, size=100), np.abs(rng.standard_normal(100))
     base = top_fraction(alignment_potential(rm, lp, logp_weight=2.5), 0.25)
     for a, b in [(10.0, 0.0), (0.01, -3.0), (7.0, 100.0)]:
-        np.testing.assert_allclose(alignment_potential(a * rm + b, lp, logp_weight=2.5),
-                                   alignment_potential(rm, lp, logp_weight=2.5), atol=1e-10)
+        np.testing.assert_allclose(
+            alignment_potential(a * rm + b, lp, logp_weight=2.5),
+            alignment_potential(rm, lp, logp_weight=2.5),
+            atol=1e-10,
+        )
         assert (top_fraction(alignment_potential(a * rm + b, lp, logp_weight=2.5), 0.25) == base).all()
 
 

@@ -31,7 +31,7 @@ def candidates_of(rewards: np.ndarray) -> tuple[int, list[int]]:
 
 def bottomk_indices(rewards: np.ndarray, k: int) -> list[int]:
     """The k lowest-reward candidates by (reward, index), ascending."""
-    top, candidates = candidates_of(rewards)
+    _, candidates = candidates_of(rewards)
     return sorted(sorted(candidates, key=lambda i: (rewards[i], i))[:k])
 
 
@@ -102,7 +102,9 @@ def first_appearance_ids(labels: list[int]) -> list[int]:
     return [-1 if label < 0 else ids.setdefault(label, len(ids)) for label in labels]
 
 
-def select_coreset(rewards, embeddings, k, *, seed=0, cluster_on="candidates", n_init=10, max_iter=100) -> Selection:
+def select_coreset(
+    rewards, embeddings, k, *, seed=0, cluster_on="candidates", n_init=10, max_iter=100
+) -> Selection:
     """AMPO-Coreset (spec 3.3.2): k-means on the embeddings, then the lowest-reward member of every cluster.
 
     rewards (N,), embeddings (N, d). cluster_on="candidates" clusters the N-1 non-positive responses, which always
@@ -179,7 +181,11 @@ def exact_medoids(dist, weights, k, top, init=None) -> list[int]:
     link = sp.hstack([-sp.kron(np.ones((n, 1)), sp.eye(m)), sp.eye(n * m)])  # z_ij - x_j <= 0
     result = milp(
         costs,
-        constraints=[LinearConstraint(pick_k, k, k), LinearConstraint(assign, 1, 1), LinearConstraint(link, -np.inf, 0)],
+        constraints=[
+            LinearConstraint(pick_k, k, k),
+            LinearConstraint(assign, 1, 1),
+            LinearConstraint(link, -np.inf, 0),
+        ],
         integrality=np.concatenate([np.ones(m), np.zeros(n * m)]),
         bounds=Bounds(0, 1),
         options={"mip_rel_gap": 0.0},

@@ -1,6 +1,7 @@
 """select_batch: the selections of `select` for many prompts at once, vectorised over prompts in numpy.
 
-Prompts are grouped by pool size N and processed in chunks of CHUNK prompts. Each method has one batched function
+Prompts are grouped by pool size N and processed in chunks (at most CHUNK prompts, and few enough that no
+temporary exceeds FLOATS_PER_STEP float64s, whatever N, d and k). Each method has one batched function
 (rewards (B, N), embeddings (B, N, d) or None, k, seeds (B,)) -> B Selections that equals the per-prompt function in
 ampo_methods.py / baselines.py prompt by prompt (tests/test_selection_batched.py checks this). Ties, seeds and
 stopping rules are the same; only the floating-point rounding of k-means distances differs (Gram form).
@@ -12,7 +13,7 @@ import numpy as np
 
 from ampo.selection.ampo_methods import SWAP_TOL, select_optselect
 from ampo.selection.baselines import ALL_EQUAL, ROUNDING
-from ampo.selection.batched_kmeans import batch_kmeans, first_appearance
+from ampo.selection.batched_kmeans import batch_kmeans, first_appearance, gram_matrix
 from ampo.selection.pool import (
     STREAM_RANDOM,
     Selection,
@@ -29,7 +30,13 @@ from ampo.selection.pool import (
 )
 from ampo.selection.registry import NEEDS_K_NEGATIVES, USES_EMBEDDINGS, check_method
 
-CHUNK = 512  # prompts per vectorised step: optselect's swap costs are CHUNK*k*N*N floats (~30 MB at N=32, k=7)
+CHUNK = 512  # prompts per vectorised step at most
+FLOATS_PER_STEP = 4_000_000  # bound on one step's largest temporary (32 MB of float64)
+
+
+def rows_per_step(floats_per_row: int) -> int:
+    """How many prompts one vectorised step takes when each needs `floats_per_row` floats of scratch."""
+    return max(1, min(CHUNK, FLOATS_PER_STEP // max(floats_per_row, 1)))
 
 
 def batch_bottomk(rewards, embeddings, k, *, seeds) -> list[Selection]:
@@ -42,7 +49,9 @@ def batch_bottomk(rewards, embeddings, k, *, seeds) -> list[Selection]:
 def batch_random(rewards, embeddings, k, *, seeds) -> list[Selection]:
     """select_random for B pools: the k candidates with the smallest seeded uniforms. rewards (B, N), seeds (B,)."""
     top = top_index(rewards)
-    rejected = np.sort(bottom_order(seeded_uniforms(seeds, STREAM_RANDOM, rewards.shape[1]), top)[:, :k], axis=1)
+    rejected = np.sort(
+        bottom_order(seeded_uniforms(seeds, STREAM_RANDOM, rewards.shape[1]), top)[:, :k], axis=1
+    )
     return [Selection("random", [t], r) for t, r in zip(top.tolist(), rejected.tolist())]
 
 
@@ -92,11 +101,20 @@ def batch_coreset(rewards, embeddings, k, *, seeds, cluster_on="candidates", n_i
         members = j + (j >= top[:, None])  # (B, N-1): pool indices without the positive, ascending
     else:
         members = np.broadcast_to(np.arange(N), (B, N))
-    points = embeddings[np.arange(B)[:, None], members]  # (B, n, d)
-    labels = batch_kmeans(points, k, seeds, n_init=n_init, max_iter=max_iter)  # (B, n)
+    gram = gram_matrix(embeddings)  # (B, N, N), then the members' block (B, n, n)
+    gram = gram[np.arange(B)[:, None, None], members[:, :, None], members[:, None, :]]
+    step = rows_per_step(gram.shape[1] * n_init * k)  # Lloyd holds (rows, n, n_init, k) arrays
+    labels = np.concatenate(
+        [
+            batch_kmeans(gram[i : i + step], k, seeds[i : i + step], n_init=n_init, max_iter=max_iter)
+            for i in range(0, B, step)
+        ]
+    )  # (B, n)
     member_rewards = np.where(members == top[:, None], np.inf, np.take_along_axis(rewards, members, axis=1))
     in_cluster = np.where(labels[:, :, None] == np.arange(k), member_rewards[:, :, None], np.inf)  # (B, n, k)
-    lowest = np.take_along_axis(members, in_cluster.argmin(axis=1), axis=1)  # (B, k): lowest reward per cluster
+    lowest = np.take_along_axis(
+        members, in_cluster.argmin(axis=1), axis=1
+    )  # (B, k): lowest reward per cluster
     has_negative = np.isfinite(in_cluster.min(axis=1))  # (B, k)
     clusters = np.full((B, N), -1)
     np.put_along_axis(clusters, members, labels, axis=1)
@@ -117,34 +135,47 @@ def best_swaps(dist, weights, medoids, top) -> tuple[np.ndarray, np.ndarray]:
     B, N, _ = dist.shape
     k = medoids.shape[1]
     rows = np.arange(B)
+    free = np.ones((B, N), dtype=bool)
+    free[rows, top] = False
+    np.put_along_axis(free, medoids, False, axis=1)
+    M = N - 1 - k  # candidates outside the medoids
+    if M == 0:
+        return np.zeros(B, dtype=bool), medoids
+    incoming = np.nonzero(free)[1].reshape(B, M)  # (B, M) ascending
     to_medoid = np.take_along_axis(dist, np.broadcast_to(medoids[:, None, :], (B, N, k)), axis=2)  # (B, N, k)
     nearest = to_medoid.argmin(axis=2)  # (B, N): position in medoids
     d1 = np.take_along_axis(to_medoid, nearest[:, :, None], axis=2)[:, :, 0]
     np.put_along_axis(to_medoid, nearest[:, :, None], np.inf, axis=2)
     d2 = to_medoid.min(axis=2)  # (B, N): second nearest (inf when k = 1)
     current = (weights * d1).sum(axis=1)  # (B,)
-    without = np.where(np.arange(k)[None, :, None] == nearest[:, None, :], d2[:, None, :], d1[:, None, :])  # (B,k,N)
-    trial = np.minimum(without[:, :, None, :], dist[:, None, :, :])  # (B, k, N_b, N_i): medoid a -> candidate b
-    cost = (trial * weights[:, None, None, :]).sum(axis=3).reshape(B, k * N)
-    banned = np.zeros((B, N), dtype=bool)
-    banned[rows, top] = True
-    np.put_along_axis(banned, medoids, True, axis=1)
-    cost = np.where(np.tile(banned, (1, k)), np.inf, cost)
+    without = np.where(
+        np.arange(k)[None, :, None] == nearest[:, None, :], d2[:, None, :], d1[:, None, :]
+    )  # (B,k,N)
+    trial = np.minimum(
+        without[:, :, None, :], dist[rows[:, None], incoming][:, None]
+    )  # (B, k, M, N): a out, b in
+    trial *= weights[:, None, None, :]
+    cost = trial.sum(axis=3).reshape(B, k * M)  # summed like medoid_cost: the same floats, bit for bit
     flat = cost.argmin(axis=1)  # first minimum in (a, b) order
     accepted = cost[rows, flat] < current * (1 - SWAP_TOL)
     swapped = medoids.copy()
-    swapped[rows, flat // N] = flat % N
+    swapped[rows, flat // M] = incoming[rows, flat % M]
     return accepted, np.sort(swapped, axis=1)
 
 
 def batch_local_search(dist, weights, medoids, top) -> np.ndarray:
     """local_search_medoids for B pools: swap until no pool improves. -> medoids (B, k) ascending."""
     medoids = medoids.copy()
-    active = np.arange(len(medoids))
+    B, N, _ = dist.shape
+    step = rows_per_step(medoids.shape[1] * N * N)  # best_swaps holds (rows, k, N, N) swap costs
+    active = np.arange(B)
     while active.size:
-        accepted, swapped = best_swaps(dist[active], weights[active], medoids[active], top[active])
-        medoids[active[accepted]] = swapped[accepted]
-        active = active[accepted]
+        still = []
+        for part in np.array_split(active, -(-active.size // step)):
+            accepted, swapped = best_swaps(dist[part], weights[part], medoids[part], top[part])
+            medoids[part[accepted]] = swapped[accepted]
+            still.append(part[accepted])
+        active = np.concatenate(still)
     return medoids
 
 
@@ -166,7 +197,9 @@ def batch_optselect(
     init = np.sort(bottom_order(rewards, top)[:, :k], axis=1)
     medoids = batch_local_search(dist, weights, init, top)
     to_medoid = np.take_along_axis(dist, np.broadcast_to(medoids[:, None, :], (*dist.shape[:2], k)), axis=2)
-    nearest = np.take_along_axis(medoids, to_medoid.argmin(axis=2), axis=1)  # (B, N) pool index of nearest medoid
+    nearest = np.take_along_axis(
+        medoids, to_medoid.argmin(axis=2), axis=1
+    )  # (B, N) pool index of nearest medoid
     cost = (weights * to_medoid.min(axis=2)).sum(axis=1)
     return [
         Selection("optselect", [t], s, clusters=c, cost=v)
@@ -193,24 +226,44 @@ def pool_sizes(rewards, embeddings, lengths) -> np.ndarray:
     """Pool size per prompt, after checking the layout: padded arrays (+ lengths) or lists of per-prompt arrays."""
     if isinstance(rewards, (list, tuple)):
         if lengths is not None:
-            raise ValueError("lengths is only for padded arrays; lists of per-prompt arrays carry their own sizes")
+            raise ValueError(
+                "lengths is only for padded arrays; lists of per-prompt arrays carry their own sizes"
+            )
         if not isinstance(embeddings, (list, tuple)) or len(embeddings) != len(rewards):
-            raise ValueError(f"embeddings must be a list of {len(rewards)} arrays (N_i, d), one per reward array")
+            raise ValueError(
+                f"embeddings must be a list of {len(rewards)} arrays (N_i, d), one per reward array"
+            )
         sizes = np.array([np.shape(r)[0] if np.ndim(r) == 1 else -1 for r in rewards], dtype=np.int64)
         for p, (r, e) in enumerate(zip(rewards, embeddings)):
             if np.ndim(r) != 1 or np.ndim(e) != 2 or np.shape(e)[0] != sizes[p]:
-                raise ValueError(f"prompt {p}: rewards (N,) and embeddings (N, d) expected; got "
-                                 f"{np.shape(r)} and {np.shape(e)}")
+                raise ValueError(
+                    f"prompt {p}: rewards (N,) and embeddings (N, d) expected; got "
+                    f"{np.shape(r)} and {np.shape(e)}"
+                )
         return sizes
     r, e = np.asarray(rewards), np.asarray(embeddings)
     if r.ndim != 2 or e.ndim != 3 or e.shape[:2] != r.shape:
-        raise ValueError(f"padded input needs rewards (B, Nmax) and embeddings (B, Nmax, d); got {r.shape}, {e.shape}")
+        raise ValueError(
+            f"padded input needs rewards (B, Nmax) and embeddings (B, Nmax, d); got {r.shape}, {e.shape}"
+        )
     if lengths is None:
         return np.full(r.shape[0], r.shape[1], dtype=np.int64)
     sizes = np.asarray(lengths)
-    if sizes.shape != (r.shape[0],) or sizes.dtype.kind not in "iu" or (sizes < 0).any() or (sizes > r.shape[1]).any():
+    if (
+        sizes.shape != (r.shape[0],)
+        or sizes.dtype.kind not in "iu"
+        or (sizes < 0).any()
+        or (sizes > r.shape[1]).any()
+    ):
         raise ValueError(f"lengths must be {r.shape[0]} ints in [0, {r.shape[1]}]; got {sizes!r:.80}")
     return sizes.astype(np.int64)
+
+
+def embedding_dim(embeddings) -> int:
+    """d of (B, Nmax, d) or of a list of (N_i, d) arrays (the first one; stacking checks the rest)."""
+    if isinstance(embeddings, (list, tuple)):
+        return int(np.shape(embeddings[0])[1]) if len(embeddings) else 0
+    return int(np.shape(embeddings)[2])
 
 
 def gather(values, prompts: np.ndarray, n: int, dtype) -> np.ndarray:
@@ -233,7 +286,9 @@ def check_chunk(method: str, rewards: np.ndarray, embeddings, k: int, prompts: n
         check_k(k, n, where=f"prompt {prompts[0]}: ")
 
 
-def select_batch(method: str, rewards, embeddings, k: int, *, seed=0, lengths=None, **options) -> list[Selection]:
+def select_batch(
+    method: str, rewards, embeddings, k: int, *, seed=0, lengths=None, **options
+) -> list[Selection]:
     """`select` for B prompts at once: result i equals select(method, pool i, k, seed=seeds[i], **options).
 
     rewards (B, Nmax) + embeddings (B, Nmax, d) + lengths (B,) (pool i is the first lengths[i] entries; padding
@@ -245,13 +300,17 @@ def select_batch(method: str, rewards, embeddings, k: int, *, seed=0, lengths=No
     sizes = pool_sizes(rewards, embeddings, lengths)
     seeds = check_seeds(seed, len(sizes))
     out: list[Selection | None] = [None] * len(sizes)
+    dim = embedding_dim(embeddings) if method in USES_EMBEDDINGS else 0
     for n in np.unique(sizes).tolist():
         same_size = np.flatnonzero(sizes == n)
-        for start in range(0, len(same_size), CHUNK):
-            prompts = same_size[start : start + CHUNK]
+        step = rows_per_step(n * max(dim, n))  # a chunk's embeddings in float64, or its (n, n) distances
+        for start in range(0, len(same_size), step):
+            prompts = same_size[start : start + step]
             r = gather(rewards, prompts, n, np.float64)
             e = gather(embeddings, prompts, n, None) if method in USES_EMBEDDINGS else None
             check_chunk(method, r, e, k, prompts)
-            for p, selection in zip(prompts.tolist(), BATCH_SELECTORS[method](r, e, k, seeds=seeds[prompts], **options)):
+            for p, selection in zip(
+                prompts.tolist(), BATCH_SELECTORS[method](r, e, k, seeds=seeds[prompts], **options)
+            ):
                 out[p] = selection
     return out

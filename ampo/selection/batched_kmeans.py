@@ -13,16 +13,20 @@ import numpy as np
 from ampo.selection.pool import STREAM_KMEANS, seeded_uniforms
 
 
-def gram_and_sq_distances(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """G = X X^T (symmetric) and squared distances (zero diagonal). (B, n, d) -> (B, n, n), (B, n, n)."""
+def gram_matrix(points: np.ndarray) -> np.ndarray:
+    """G = X X^T in float64, exactly symmetric. (B, n, d) -> (B, n, n)."""
     x = np.asarray(points, dtype=np.float64)
     gram = x @ x.transpose(0, 2, 1)
-    gram = 0.5 * (gram + gram.transpose(0, 2, 1))
+    return 0.5 * (gram + gram.transpose(0, 2, 1))
+
+
+def sq_distances(gram: np.ndarray) -> np.ndarray:
+    """Squared distances |x_i|^2 + |x_j|^2 - 2 x_i.x_j, clipped at 0, zero diagonal. (B, n, n) -> (B, n, n)."""
     sq = np.einsum("bii->bi", gram)
     d2 = np.maximum(sq[:, :, None] + sq[:, None, :] - 2.0 * gram, 0.0)
     idx = np.arange(d2.shape[-1])
     d2[:, idx, idx] = 0.0
-    return gram, d2
+    return d2
 
 
 def batch_kmeanspp(d2: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -58,12 +62,15 @@ def batch_lloyd(gram: np.ndarray, centres: np.ndarray, max_iter: int) -> tuple[n
     out_labels = np.zeros((B, n, T), dtype=np.int64)
     out_inertia = np.zeros((B, T))
     ids, g, sq = np.arange(B), gram, np.einsum("bii->bi", gram)  # the working set: prompts still moving
-    v = (np.arange(n)[None, :, None, None] == centres[:, None, :, :]).astype(np.float64)  # (B, n, T, k): c = X^T v
+    # w = -2 v with centre c = X^T v; h = G w = -2 x_i . c; cc = v^T G v = |c|^2. The -2 is exact in floating point.
+    w = -2.0 * (np.arange(n)[None, :, None, None] == centres[:, None, :, :])  # (B, n, T, k)
+    h = -2.0 * np.take_along_axis(g, centres.reshape(B, 1, T * k), axis=2).reshape(
+        B, n, T, k
+    )  # centres are points
+    cc = np.take_along_axis(sq, centres.reshape(B, T * k), axis=1).reshape(B, T, k)
     labels, done = np.zeros((B, n, T), dtype=np.int64), np.zeros((B, T), dtype=bool)
     for it in range(max_iter):
-        a = len(ids)
-        gv = (g @ v.reshape(a, n, T * k)).reshape(a, n, T, k)  # (a, n, T, k): x_i . c
-        score = np.einsum("bntk,bntk->btk", v, gv)[:, None] - 2.0 * gv  # |x_i - c|^2 - |x_i|^2
+        score = cc[:, None] + h  # (a, n, T, k): |x_i - c|^2 - |x_i|^2
         new = score.argmin(axis=-1)  # (a, n, T)
         moving = ~done
         converged = moving & (new == labels).all(axis=1) if it > 0 else np.zeros_like(done)
@@ -75,27 +82,29 @@ def batch_lloyd(gram: np.ndarray, centres: np.ndarray, max_iter: int) -> tuple[n
         if not keep.any():
             break
         if not keep.all():
-            ids, g, sq, v, new, done = ids[keep], g[keep], sq[keep], v[keep], new[keep], done[keep]
+            ids, g, sq, w, new, done = ids[keep], g[keep], sq[keep], w[keep], new[keep], done[keep]
         labels = new
         onehot = new[..., None] == np.arange(k)  # (a, n, T, k)
         counts = onehot.sum(axis=1)  # (a, T, k)
-        means = onehot * (1.0 / np.maximum(counts, 1))[:, None]
-        v = np.where(counts[:, None] > 0, means, v) if (counts == 0).any() else means
+        means = onehot * (-2.0 / np.maximum(counts, 1))[:, None]
+        w = np.where(counts[:, None] > 0, means, w) if (counts == 0).any() else means
+        h = (g @ w.reshape(len(ids), n, T * k)).reshape(w.shape)
+        cc = 0.25 * np.einsum("bntk,bntk->btk", w, h)
     return out_labels.transpose(0, 2, 1), out_inertia
 
 
-def batch_kmeans(points: np.ndarray, k: int, seeds: np.ndarray, *, n_init: int, max_iter: int) -> np.ndarray:
-    """Euclidean k-means with n_init k-means++ starts, lowest inertia wins (first on ties). (B, n, d) -> (B, n)."""
-    B = len(points)
-    gram, d2 = gram_and_sq_distances(points)
+def batch_kmeans(gram: np.ndarray, k: int, seeds: np.ndarray, *, n_init: int, max_iter: int) -> np.ndarray:
+    """Euclidean k-means with n_init k-means++ starts, lowest inertia wins (first on ties).
+    gram (B, n, n) of the points, seeds (B,) -> labels (B, n)."""
+    B = len(gram)
     u = seeded_uniforms(seeds, STREAM_KMEANS, n_init * k).reshape(B, n_init, k)
-    labels, inertia = batch_lloyd(gram, batch_kmeanspp(d2, u), max_iter)
+    labels, inertia = batch_lloyd(gram, batch_kmeanspp(sq_distances(gram), u), max_iter)
     return labels[np.arange(B), inertia.argmin(axis=1)]
 
 
 def first_appearance(labels: np.ndarray, k: int) -> np.ndarray:
     """Renumber cluster ids by first appearance along each row; -1 stays -1. (B, N) -> (B, N)."""
-    B, N = labels.shape
+    N = labels.shape[1]
     onehot = labels[:, :, None] == np.arange(k)  # (B, N, k)
     first = np.where(onehot.any(axis=1), onehot.argmax(axis=1), N + np.arange(k))  # (B, k), absent ids last
     rank = np.argsort(np.argsort(first, axis=1), axis=1)  # (B, k): new id of each old id

@@ -14,9 +14,13 @@ class Selection:
     method: str
     chosen: list[int]
     rejected: list[int]
-    clusters: list[int] | None = None  # coreset: cluster id per pool member (-1: not clustered); optselect: medoid
+    clusters: list[int] | None = (
+        None  # coreset: cluster id per pool member (-1: not clustered); optselect: medoid
+    )
     cost: float | None = None  # optselect: weighted k-medoids cost, weights scaled so the largest is 1
-    skipped_reason: str | None = None  # set when the pool yields no preference group (chosen and rejected empty)
+    skipped_reason: str | None = (
+        None  # set when the pool yields no preference group (chosen and rejected empty)
+    )
 
     @property
     def skipped(self) -> bool:
@@ -40,7 +44,7 @@ def count_skipped(selections: list[Selection]) -> int:
 def check_k(k, n: int | None = None, *, where: str = "") -> int:
     """k must be an int >= 1; with n given (AMPO methods, random), also k <= n - 1: one response is the positive."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise ValueError(f"k={k!r} must be an int >= 1")
+        raise ValueError(f"k={k!r} must be an int >= 1")  # noqa: TRY004 - bad input is a ValueError here
     if k < 1:
         raise ValueError(f"k={k} must be >= 1")
     if n is not None and k > n - 1:
@@ -67,7 +71,9 @@ def check_embeddings(embeddings, n: int, *, finite: bool, where: str = "") -> np
     """embeddings (N, d) matching the N rewards; finite values checked only by the methods that use them."""
     e = np.asarray(embeddings)
     if e.ndim != 2 or e.shape[0] != n:
-        raise ValueError(f"{where}embeddings must have shape (N, d) = ({n}, d) to match the rewards; got {e.shape}")
+        raise ValueError(
+            f"{where}embeddings must have shape (N, d) = ({n}, d) to match the rewards; got {e.shape}"
+        )
     if finite and not np.isfinite(e).all():
         i, j = (int(v) for v in np.argwhere(~np.isfinite(e))[0])
         raise ValueError(f"{where}embeddings must be finite; embeddings[{i}, {j}]={e[i, j]}")
@@ -95,7 +101,9 @@ def check_seeds(seed, n_prompts: int) -> np.ndarray:
     if s.ndim == 0:
         s = np.full(n_prompts, s)
     if s.shape != (n_prompts,) or s.dtype.kind not in "iu":
-        raise ValueError(f"seed must be an int or {n_prompts} ints, one per prompt; got {np.asarray(seed)!r:.80}")
+        raise ValueError(
+            f"seed must be an int or {n_prompts} ints, one per prompt; got {np.asarray(seed)!r:.80}"
+        )
     if (s < 0).any() or (s > np.iinfo(np.uint64).max).any():
         raise ValueError(f"seeds must lie in [0, 2**64); got {s.min()}..{s.max()}")
     return s.astype(np.uint64)

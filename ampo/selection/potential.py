@@ -28,7 +28,9 @@ def alignment_potential(rm_margin, logp_margin_abs, *, logp_weight: float = 1.0)
     rm = np.asarray(rm_margin, dtype=np.float64)
     lp = np.asarray(logp_margin_abs, dtype=np.float64)
     if rm.ndim != 1 or rm.shape != lp.shape:
-        raise ValueError(f"rm_margin and logp_margin_abs must both have shape (n,); got {rm.shape} and {lp.shape}")
+        raise ValueError(
+            f"rm_margin and logp_margin_abs must both have shape (n,); got {rm.shape} and {lp.shape}"
+        )
     if not (np.isfinite(rm).all() and np.isfinite(lp).all()):
         raise ValueError("rm_margin and logp_margin_abs must be finite; found nan or inf")
     if not np.isfinite(logp_weight):
@@ -61,7 +63,9 @@ def pair_margins(rewards, logps) -> dict[str, np.ndarray]:
     r = np.asarray(rewards, dtype=np.float64)
     lp = np.asarray(logps, dtype=np.float64)
     if r.ndim != 2 or r.shape != lp.shape or r.shape[1] < 2:
-        raise ValueError(f"rewards and logps must both have shape (P, N) with N >= 2; got {r.shape} and {lp.shape}")
+        raise ValueError(
+            f"rewards and logps must both have shape (P, N) with N >= 2; got {r.shape} and {lp.shape}"
+        )
     if not (np.isfinite(r).all() and np.isfinite(lp).all()):
         raise ValueError("rewards and logps must be finite; found nan or inf")
     rows = np.arange(len(r))

@@ -27,7 +27,9 @@ SELECTORS = {
     "mean_split": select_mean_split,
     "top_bottom": select_top_bottom,
 }
-NEEDS_K_NEGATIVES = frozenset({"bottomk", "coreset", "optselect", "random"})  # 1 <= k <= N - 1; the rest ignore k
+NEEDS_K_NEGATIVES = frozenset(
+    {"bottomk", "coreset", "optselect", "random"}
+)  # 1 <= k <= N - 1; the rest ignore k
 USES_EMBEDDINGS = frozenset({"coreset", "optselect"})  # the rest only check the embeddings' shape
 
 OPTION_CHECKS = {
