@@ -109,7 +109,9 @@ def save_policy(accelerator, model, tokenizer, directory: Path, *, merge_lora: b
     else:
         state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        cast: dict[tuple, torch.Tensor] = {}  # by storage, so tied weights stay one tensor and are saved once
+        state_dict = {k: cast.setdefault((v.data_ptr(), v.shape, v.stride()), v.to(dtype)) if v.is_floating_point() else v
+                      for k, v in state_dict.items()}
         unwrapped.config.use_cache = True
         unwrapped.save_pretrained(directory, state_dict=state_dict, safe_serialization=True,
                                   save_function=accelerator.save)

@@ -266,6 +266,27 @@ def test_lora_through_the_entry_point_saves_a_merged_plain_checkpoint(policy, tm
     AutoModelForCausalLM.from_pretrained(ckpt)  # loads without peft
 
 
+def test_a_bf16_tied_parent_gives_a_bf16_tied_checkpoint(tmp_path):
+    # SmolLM2 (the default policy) is bf16 with tied embeddings: train in fp32, save in the parent's dtype, once
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from ampo.models import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(300)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True, dtype="bfloat16",
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "parent")
+    tokenizer.save_pretrained(tmp_path / "parent")
+    result = train(str(tmp_path / "parent"), make_groups()[:1], make_loss_fn(LossConfig()), tiny_cfg(lr=1e-2),
+                   output_dir=tmp_path / "ckpt", runtime=CPU)
+    weights = load_file(result.checkpoint_path / "model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.bfloat16} and "lm_head.weight" not in weights
+    trained = AutoModelForCausalLM.from_pretrained(result.checkpoint_path)
+    assert trained.dtype == torch.bfloat16 and trained.lm_head.weight is trained.model.embed_tokens.weight
+
+
 def test_accelerate_launch_command_names_the_config():
     runtime = RuntimeConfig(launcher="accelerate", accelerate_config="infra/accelerate/fsdp.yaml")
     assert launch_command("s.json", runtime)[1:] == ["-m", "accelerate.commands.launch", "--config_file",

@@ -1,0 +1,272 @@
+"""Training throughput: ampo's group trainer against TRL's DPOTrainer, same model, same responses, same run.
+
+    .venv/bin/python benchmarks/train.py                       # random Llama (hidden 256, 4 layers), CPU, ~2-4 min
+    .venv/bin/python benchmarks/train.py --shape smollm2-135m  # SmolLM2-135M's shape, random weights (for a GPU)
+
+Three trainers, each in its own subprocess (so peak memory is each one's own):
+  ampo-groups  ampo.trainer, AMPO loss (reference-free), every prompt's K responses in one group
+  ampo-pairs   ampo.trainer, DPO loss, best-vs-worst pairs, reference log-probs computed before training
+  trl-pairs    trl.DPOTrainer, DPO sigmoid loss, the same pairs, reference log-probs precomputed
+Tokens are counted the same way for all three: a forward pre-hook on the trained model adds up the attention mask
+(non-pad tokens) of every forward run with gradients enabled, i.e. the tokens of forward+backward. Time is the sum
+of optimizer-step wall times, without the first (warm-up) step. bf16 and gradient checkpointing are off on CPU
+(TRL's DPOConfig turns both on by default; they made CPU training 10x slower here); on a GPU both trainers use bf16
+autocast over fp32 weights. Peak memory: ru_maxrss of each subprocess (and torch.cuda.max_memory_allocated on GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHAPES = {
+    "tiny": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
+             "num_key_value_heads": 4, "vocab_size": None},  # vocab: the tokenizer's
+    "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                     "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152},
+}
+TRAINERS = ("ampo-groups", "ampo-pairs", "trl-pairs")
+
+
+# ----------------------------------------------------------------------------- setup (parent process)
+
+
+def build_model(path: Path, shape: str, seed: int) -> None:
+    """A random Llama of the given shape with ampo's tiny byte-level tokenizer and chat template."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ampo.models import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(512)
+    dims = dict(SHAPES[shape])
+    dims["vocab_size"] = dims["vocab_size"] or len(tokenizer)
+    config = LlamaConfig(**dims, max_position_embeddings=4096, tie_word_embeddings=False, dtype="float32",
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+def build_groups(n_prompts: int, k: int, words: tuple[int, int], seed: int) -> list[dict]:
+    """n_prompts groups of k responses of random length (words), rewards random; the best is chosen."""
+    from ampo.models import tiny_corpus
+
+    rng = random.Random(seed)
+    corpus = " ".join(tiny_corpus()).split()
+
+    def text(lo: int, hi: int) -> str:
+        start = rng.randrange(len(corpus))
+        return " ".join((corpus * 2)[start : start + rng.randint(lo, hi)])
+
+    groups = []
+    for i in range(n_prompts):
+        rewards = [round(rng.gauss(0, 1), 4) for _ in range(k)]
+        best = max(range(k), key=lambda j: (rewards[j], -j))
+        groups.append({"prompt_id": f"p{i}", "prompt": text(8, 24), "responses": [text(*words) for _ in range(k)],
+                       "rewards": rewards, "chosen": [j == best for j in range(k)]})
+    return groups
+
+
+def best_vs_worst(group: dict) -> dict:
+    """The group reduced to its best (chosen) and worst responses."""
+    best = group["chosen"].index(True)
+    worst = min(range(len(group["rewards"])), key=lambda j: (group["rewards"][j], j))
+    pick = [best, worst]
+    return {**group, "responses": [group["responses"][j] for j in pick],
+            "rewards": [group["rewards"][j] for j in pick], "chosen": [True, False]}
+
+
+# ----------------------------------------------------------------------------- workers (one subprocess each)
+
+
+class TokenCounter:
+    """Adds up the non-pad tokens of every forward of `model` that runs with gradients enabled."""
+
+    def __init__(self):
+        self.tokens = 0
+
+    def attach(self, model) -> None:
+        import torch
+
+        def hook(module, args, kwargs):
+            if torch.is_grad_enabled() and module.training:
+                mask = kwargs.get("attention_mask")
+                ids = kwargs.get("input_ids", args[0] if args else None)
+                self.tokens += int(mask.sum()) if mask is not None else ids.numel()
+
+        model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def run_ampo(work: Path, trainer: str, args) -> dict:
+    import ampo.trainer as trainer_module
+    from ampo.config import LossConfig, RuntimeConfig, TrainConfig
+    from ampo.reflogps import compute_reference_logps, with_reference
+    from ampo.training_data import Group
+
+    groups = [Group(**g) for g in json.loads((work / "groups.json").read_text())]
+    pairs = trainer == "ampo-pairs"
+    if pairs:
+        groups = [Group(**best_vs_worst(g.__dict__)) for g in groups]
+    cfg = TrainConfig(lr=1e-5, groups_per_step=args.batch, grad_accum=1, warmup_ratio=0.0, scheduler="constant",
+                      max_length=args.max_length, max_prompt_length=args.max_length // 2, save_every=10**6)
+    runtime = RuntimeConfig(device="auto")
+    if pairs:
+        groups = with_reference(groups, compute_reference_logps(str(work / "model"), groups, cfg, runtime))
+    counter, marks = TokenCounter(), []
+    load_policy = trainer_module.load_policy
+
+    def load_and_count(*a, **kw):
+        model = load_policy(*a, **kw)
+        counter.attach(model)
+        return model
+
+    trainer_module.load_policy = load_and_count  # count the trained model's tokens, as for TRL below
+    rss_before = peak_rss_mb()
+    result = trainer_module.train(
+        str(work / "model"), groups, trainer_module.make_loss_fn(LossConfig(name="dpo" if pairs else "ampo")), cfg,
+        output_dir=work / f"out-{trainer}", runtime=runtime,
+        progress=lambda step, total, m: marks.append((m["perf/seconds"], counter.tokens)))
+    return summarise(marks, rss_before, result.losses)
+
+
+def run_trl(work: Path, args) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    groups = [best_vs_worst(g) for g in json.loads((work / "groups.json").read_text())]
+    rows = [{"prompt": [{"role": "user", "content": g["prompt"]}],
+             "chosen": [{"role": "assistant", "content": g["responses"][0]}],
+             "rejected": [{"role": "assistant", "content": g["responses"][1]}]} for g in groups]
+    gpu = torch.cuda.is_available()
+    tokenizer = AutoTokenizer.from_pretrained(work / "model")
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
+    counter, marks = TokenCounter(), []
+    counter.attach(model)
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **kw):
+            marks.append((time.perf_counter() - self.t0, counter.tokens))
+
+    config = DPOConfig(output_dir=str(work / "out-trl"), per_device_train_batch_size=args.batch,
+                       gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=1e-5,
+                       lr_scheduler_type="constant", warmup_steps=0, bf16=gpu, gradient_checkpointing=False,
+                       precompute_ref_log_probs=True, max_length=args.max_length, logging_steps=10**6,
+                       save_strategy="no", report_to=[], seed=0, use_cpu=not gpu, dataloader_num_workers=0)
+    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer, callbacks=[StepTimer()])
+    rss_before = peak_rss_mb()
+    out = trainer.train()
+    return summarise(marks, rss_before, [out.training_loss])
+
+
+def summarise(marks: list[tuple[float, int]], rss_before: float, losses: list[float]) -> dict:
+    """Tokens/s over the steps after the first: marks are (step seconds, cumulative tokens after the step)."""
+    import torch
+
+    seconds = sum(s for s, _ in marks[1:])
+    tokens = marks[-1][1] - marks[0][1]
+    cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return {"steps": len(marks), "timed_steps": len(marks) - 1, "tokens": tokens, "seconds": seconds,
+            "tokens_per_s": tokens / seconds, "tokens_per_step": tokens / max(len(marks) - 1, 1),
+            "peak_rss_mb": peak_rss_mb(), "rss_before_train_mb": rss_before, "cuda_peak_mb": cuda_peak,
+            "losses": losses[:3]}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def worker(args) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    result = run_trl(work, args) if args.worker == "trl-pairs" else run_ampo(work, args.worker, args)
+    (work / f"{args.worker}.json").write_text(json.dumps(result))
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--prompts", type=int, default=24, help="groups (prompts)")
+    parser.add_argument("--k", type=int, default=8, help="responses per group (AMPO: 1 best + 7 negatives)")
+    parser.add_argument("--batch", type=int, default=2, help="groups (or pairs) per optimizer step")
+    parser.add_argument("--words", type=int, nargs=2, default=(40, 160), help="response length range, words")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker; 0 = torch's default")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each trainer; the fastest is reported")
+    parser.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    if args.prompts // args.batch < 2:
+        raise ValueError(f"--prompts {args.prompts} / --batch {args.batch} gives under 2 steps; the first is warm-up")
+    with tempfile.TemporaryDirectory(prefix="ampo-bench-train-") as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        build_model(work / "model", args.shape, args.seed)
+        groups = build_groups(args.prompts, args.k, tuple(args.words), args.seed)
+        (work / "groups.json").write_text(json.dumps(groups))
+        results: dict[str, dict] = {}
+        for _ in range(args.repeats):  # interleaved, best of the repeats: a shared machine's load comes and goes
+            for name in args.trainers:
+                cmd = [sys.executable, __file__, "--worker", name, "--work", str(work), *sys.argv[1:]]
+                subprocess.run(cmd, check=True, stdout=None if os.environ.get("VERBOSE") else subprocess.DEVNULL,
+                               stderr=None if os.environ.get("VERBOSE") else subprocess.DEVNULL)
+                r = json.loads((work / f"{name}.json").read_text())
+                if name not in results or r["tokens_per_s"] > results[name]["tokens_per_s"]:
+                    results[name] = r
+        print_table(args, results, time.perf_counter() - t0)
+
+
+def print_table(args, results: dict, wall: float) -> None:
+    import platform
+
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    print(f"\nshape={args.shape} prompts={args.prompts} k={args.k} batch={args.batch} words={args.words} "
+          f"max_length={args.max_length} threads={args.threads} repeats={args.repeats} device={device} "
+          f"python={platform.python_version()} "
+          f"torch={torch.__version__} total {wall:.0f} s\n")
+    base = results.get("trl-pairs")
+    cuda = any(r["cuda_peak_mb"] is not None for r in results.values())
+    head = "| trainer | timed steps | tokens/step | tokens/s | vs TRL | peak RSS MB | RSS before train MB |"
+    print(head + (" CUDA peak MB |" if cuda else ""))
+    print("|" + "---|" * (head.count("|") - 1 + cuda))
+    for name, r in results.items():
+        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        row = (f"| {name} | {r['timed_steps']} | {r['tokens_per_step']:.0f} | {r['tokens_per_s']:.0f} | {ratio} | "
+               f"{r['peak_rss_mb']:.0f} | {r['rss_before_train_mb']:.0f} |")
+        print(row + (f" {r['cuda_peak_mb']:.0f} |" if cuda else ""))
+
+
+if __name__ == "__main__":
+    main()
