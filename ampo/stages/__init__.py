@@ -1,0 +1,123 @@
+"""The stages of a self-play round and the runner that makes each one idempotent and resumable.
+
+generate -> score -> embed -> select -> reflogps -> train -> evaluate -> promote
+
+`run_stage` skips a stage whose completion record exists, refuses one whose predecessor has not finished, marks
+it running, runs it, and writes the completion record last (ampo.store). `run_stage_isolated` runs the GPU stages
+in a child process when the config asks for it, so that the child's exit returns all accelerator memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from ampo.config import RunConfig, validate_run_id
+from ampo.schema import STAGES, check_round
+from ampo.store import filters
+from ampo.store.tables import scan
+from ampo.stages.context import Progress, RoundContext, open_store, round_dir, run_dir, write_json_atomic
+from ampo.stages.data import embed, generate, score, select
+from ampo.stages.gate import StageResult, evaluate, promote
+from ampo.stages.learn import reflogps, train
+from ampo.stages.report import round_outcome, write_round_report
+
+log = logging.getLogger(__name__)
+
+STAGE_FUNCTIONS: dict[str, Callable[[RoundContext], dict | StageResult]] = {
+    "generate": generate,
+    "score": score,
+    "embed": embed,
+    "select": select,
+    "reflogps": reflogps,
+    "train": train,
+    "evaluate": evaluate,
+    "promote": promote,
+}
+assert tuple(STAGE_FUNCTIONS) == STAGES, "the stage table and the schema's stage order must agree"
+ISOLATED_STAGES = frozenset({"generate", "score", "embed", "reflogps", "train", "evaluate"})  # load models
+
+__all__ = ["STAGES", "STAGE_FUNCTIONS", "next_round", "run_stage", "run_stage_isolated", "round_outcome",
+           "write_round_report", "is_transient"]  # fmt: skip
+
+
+def run_stage(name: str, cfg: RunConfig, run: str, round_: int, *, force: bool = False,
+              progress: Progress | None = None) -> dict:  # fmt: skip
+    """Run one stage of (run, round) in this process unless it already finished; returns its stage record."""
+    if name not in STAGE_FUNCTIONS:
+        raise ValueError(f"unknown stage {name!r}; choose from {list(STAGES)}")
+    validate_run_id(run)
+    check_round(round_)
+    store = open_store(cfg)
+    status = store.stage_status(run, round_)
+    if not force and status.get(name, {}).get("status") == "done":
+        return {**status[name], "skipped": True}
+    before = STAGES[: STAGES.index(name)]
+    missing = [s for s in before if status.get(s, {}).get("status") != "done"]
+    if missing:
+        raise ValueError(f"stage {name!r} of run {run!r} round {round_} needs {missing} to finish first")
+    ctx = RoundContext(cfg, run, round_, store, progress)
+    store.stage_started(run, round_, name)
+    start = time.perf_counter()
+    try:
+        result = STAGE_FUNCTIONS[name](ctx)
+    except BaseException as exc:
+        store.stage_failed(run, round_, name, f"{type(exc).__name__}: {exc}")
+        raise
+    if not isinstance(result, StageResult):
+        result = StageResult(result)
+    record = store.stage_done(run, round_, name, result.counts, time.perf_counter() - start,
+                              metrics=result.metrics, gate=result.gate)  # fmt: skip
+    return {**record, "skipped": False}
+
+
+def run_stage_isolated(name: str, cfg: RunConfig, run: str, round_: int, *, progress: Progress | None = None) -> dict:
+    """`run_stage`, in a child process (`ampo stage ...`) when cfg.runtime.stage_isolation is "subprocess"."""
+    if cfg.runtime.stage_isolation == "inprocess" or name not in ISOLATED_STAGES:
+        return run_stage(name, cfg, run, round_, progress=progress)
+    store = open_store(cfg)
+    if store.is_done(run, round_, name):
+        return {**store.stage_status(run, round_)[name], "skipped": True}
+    config_path = write_json_atomic(run_dir(cfg, run) / "config.json", cfg.model_dump(mode="json"))
+    cmd = [sys.executable, "-m", "ampo.cli", "stage", name, "--config", str(config_path), "--run", run,
+           "--round", str(round_)]  # fmt: skip
+    proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        raise StageProcessError(f"stage {name!r} failed in its process (exit {proc.returncode}): {tail[0]}")
+    return {**store.stage_status(run, round_)[name], "skipped": False}
+
+
+class StageProcessError(RuntimeError):
+    """A stage run in a child process exited with an error."""
+
+
+def next_round(cfg: RunConfig, run: str) -> int:
+    """The round to run now: an unfinished round if there is one, else the one after the last finished round."""
+    validate_run_id(run)
+    store = open_store(cfg)
+    rows = scan(store.rounds, filters.run_is(run), ["round", "stage", "status"]).to_pylist()
+    if not rows:
+        return 0
+    last = max(r["round"] for r in rows)
+    promoted = any(r["round"] == last and r["stage"] == "promote" and r["status"] == "done" for r in rows)
+    return last + 1 if promoted else last
+
+
+TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE}
+
+
+def is_transient(exc: BaseException | object) -> bool:
+    """True for errors a retry can fix: timeouts, dropped connections, store commit conflicts. Never OOM or bugs."""
+    from ampo.store.tables import StoreConflictError
+
+    if isinstance(exc, StoreConflictError | TimeoutError | ConnectionError):
+        return True
+    return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
+
+
+__all__ += ["round_dir", "StageResult", "StageProcessError"]

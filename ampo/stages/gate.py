@@ -1,0 +1,120 @@
+"""The last stages of a round: evaluate the candidate against the champion, then promote or reject it by the gates."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ampo.gates import PolicyMetrics, decide, policy_metrics, win_rate
+from ampo.stages.context import RoundContext, candidate_checkpoint_id, write_json_atomic
+
+
+@dataclass
+class StageResult:
+    """What a stage reports beyond its counts: the gate decision of the promote stage."""
+
+    counts: dict
+    metrics: dict = field(default_factory=dict)
+    gate: dict | None = None
+
+
+def evaluate(ctx: RoundContext) -> StageResult:
+    """Generate with the candidate and the champion on the held-out prompts, score both with the same rewards."""
+    from ampo.prompts import eval_prompts
+    from ampo.rewards import RewardStack
+
+    candidate = _candidate(ctx)
+    by_source = eval_prompts(ctx.cfg.eval, ctx.cfg.prompts)
+    prompts = [p for source in by_source.values() for p in source]
+    if not prompts:
+        raise ValueError(f"the evaluation sources {ctx.cfg.eval.sources} hold no prompts")
+    stack = RewardStack(ctx.cfg.reward, ctx.cfg.runtime)
+    key = _eval_key(ctx, prompts)
+    champion = _cached_outputs(ctx, ctx.start, prompts, stack, key)
+    outputs = _policy_outputs(ctx, candidate, prompts, stack)
+    write_json_atomic(ctx.dir / "eval-candidate.json", outputs)
+    cand_m, champ_m = _metrics(outputs, prompts), _metrics(champion, prompts)
+    wins = win_rate(np.array(outputs["rewards"]), np.array(champion["rewards"]))
+    metrics = {f"candidate/{k}": v for k, v in cand_m.as_dict().items()}
+    metrics |= {f"champion/{k}": v for k, v in champ_m.as_dict().items()}
+    metrics["eval/win_rate"] = wins
+    counts = {"prompts": len(prompts), **{f"prompts/{s}": len(v) for s, v in by_source.items()},
+              "champion_cached": int(champion.get("cached", False))}  # fmt: skip
+    return StageResult(counts, metrics)
+
+
+def _candidate(ctx: RoundContext) -> dict:
+    record = ctx.store.get_checkpoint(candidate_checkpoint_id(ctx.run, ctx.round))
+    if record is None:
+        raise ValueError(f"run {ctx.run!r} round {ctx.round} has no candidate checkpoint; run the train stage first")
+    return {"id": record["id"], "path": record["path"]}
+
+
+def _eval_key(ctx: RoundContext, prompts: list) -> str:
+    payload = {"eval": ctx.cfg.eval.model_dump(mode="json"), "reward": ctx.cfg.reward.model_dump(mode="json"),
+               "backend": ctx.cfg.generation.backend, "system_prompt": ctx.cfg.generation.system_prompt,
+               "prompts": [p.prompt_id for p in prompts]}  # fmt: skip
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cached_outputs(ctx: RoundContext, policy: dict, prompts: list, stack, key: str) -> dict:
+    """The champion's evaluation outputs, computed once per (checkpoint, evaluation settings)."""
+    from ampo.stages.context import run_dir
+
+    path = run_dir(ctx.cfg, ctx.run) / "eval-cache" / f"{policy['id']}-{key}.json"
+    if path.is_file():
+        return {**json.loads(path.read_text()), "cached": True}
+    outputs = _policy_outputs(ctx, policy, prompts, stack)
+    write_json_atomic(path, outputs)
+    return outputs
+
+
+def _policy_outputs(ctx: RoundContext, policy: dict, prompts: list, stack) -> dict:
+    """One response per prompt from `policy`, its reward, length and per-instruction results."""
+    from ampo.generation import derive_seed, make_generator
+    from ampo.rewards.verifiable import check_instructions
+
+    ev = ctx.cfg.eval
+    gen_cfg = ctx.cfg.generation.model_copy(update={"n": 1, "temperature": ev.temperature,
+                                                    "max_new_tokens": ev.max_new_tokens})  # fmt: skip
+    seeds = [derive_seed("eval", 0, p.prompt_id) for p in prompts]
+    with make_generator(policy["path"], gen_cfg, ctx.cfg.runtime) as generator:
+        samples = [pool[0] for pool in generator.generate([p.prompt for p in prompts], n=1, seeds=seeds)]
+    texts = [s.text for s in samples]
+    scored = stack.score(prompts, texts)
+    if scored.dropped.any():
+        raise ValueError(f"{int(scored.dropped.sum())} evaluation responses of {policy['id']} got no finite reward")
+    followed = [[(c.strict, c.loose) for c in check_instructions(p, t)] if p.instruction_id_list else []
+                for p, t in zip(prompts, texts)]  # fmt: skip
+    return {"policy": policy["id"], "prompt_ids": [p.prompt_id for p in prompts], "responses": texts,
+            "rewards": scored.total.tolist(), "lengths": [s.n_tokens for s in samples], "followed": followed}
+
+
+def _metrics(outputs: dict, prompts: list) -> PolicyMetrics:
+    if outputs["prompt_ids"] != [p.prompt_id for p in prompts]:
+        raise ValueError(f"cached evaluation of {outputs['policy']} is for other prompts; delete it to recompute")
+    followed = [[tuple(pair) for pair in f] for f in outputs["followed"]]
+    return policy_metrics(np.array(outputs["rewards"]), np.array(outputs["lengths"]), followed)
+
+
+def promote(ctx: RoundContext) -> StageResult:
+    """Apply the gates to the evaluation; promote the candidate (one commit) or mark it rejected. Tags the round."""
+    record = ctx.store.stage_status(ctx.run, ctx.round).get("evaluate")
+    if record is None or record["status"] != "done":
+        raise ValueError(f"run {ctx.run!r} round {ctx.round}: the evaluate stage has not finished")
+    m = record["metrics"]
+    cand, champ = (PolicyMetrics(**{k.split("/", 1)[1]: v for k, v in m.items() if k.startswith(f"{who}/")})
+                   for who in ("candidate", "champion"))  # fmt: skip
+    decision = decide(ctx.cfg.eval.gates, cand, champ, m["eval/win_rate"])
+    ckpt_id = candidate_checkpoint_id(ctx.run, ctx.round)
+    ctx.store.upsert_checkpoint({"id": ckpt_id, "metrics": {**m, "gate": decision.as_dict()}})
+    if decision.passed:
+        ctx.store.set_champion(ctx.run, ckpt_id)
+    elif ctx.store.get_checkpoint(ckpt_id)["status"] != "champion":
+        ctx.store.upsert_checkpoint({"id": ckpt_id, "status": "rejected"})
+    champion = ctx.store.champion(ctx.run)["id"]
+    tag = ctx.store.tag_round(ctx.run, ctx.round)
+    return StageResult({"promoted": int(decision.passed), "champion": champion, "tag": tag}, gate=decision.as_dict())

@@ -1,0 +1,108 @@
+"""The learning stages of a round: reference log-probs of the selected responses, then training on the groups."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+
+from ampo.stages.context import RoundContext, candidate_checkpoint_id, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+GROUP_COLUMNS = ["id", "prompt_id", "prompt", "response", "reward", "role", "ref_logp_sum", "ref_logp_mean"]
+
+
+def read_groups(ctx: RoundContext, *, with_reference: bool):
+    """The round's selected groups from the store, chosen first then by reward (ids returned in the same order)."""
+    from ampo.training_data import Group
+
+    rows = ctx.store.read_rows(ctx.run, ctx.round, GROUP_COLUMNS, selected=True)
+    groups, ids = [], []
+    for prompt_id, members in _split_by_prompt(rows):
+        members.sort(key=lambda r: (r["role"] != "chosen", -(r["reward"] or 0.0), r["id"]))
+        ref = with_reference and all(r["ref_logp_sum"] is not None for r in members)
+        groups.append(Group(prompt_id=prompt_id, prompt=members[0]["prompt"],
+                            responses=[r["response"] for r in members], rewards=[r["reward"] for r in members],
+                            chosen=[r["role"] == "chosen" for r in members],
+                            ref_logp_sum=[r["ref_logp_sum"] for r in members] if ref else None,
+                            ref_logp_mean=[r["ref_logp_mean"] for r in members] if ref else None))  # fmt: skip
+        ids.extend(r["id"] for r in members)
+    return groups, ids
+
+
+def _split_by_prompt(rows):
+    current, members = None, []
+    for row in rows.to_pylist():  # sorted by (prompt_id, sample)
+        if row["prompt_id"] != current and members:
+            yield current, members
+            members = []
+        current = row["prompt_id"]
+        members.append(row)
+    if members:
+        yield current, members
+
+
+def forward_options(ctx: RoundContext):
+    from ampo.training_data import ForwardOptions
+
+    return ForwardOptions(system_prompt=ctx.cfg.generation.system_prompt)
+
+
+def reflogps(ctx: RoundContext) -> dict:
+    """Summed and length-normalised log-probs of every selected response under the reference policy."""
+    from ampo.reflogps import compute_reference_logps
+
+    rows = ctx.store.read_rows(ctx.run, ctx.round, ["id", "ref_logp_sum"], selected=True)
+    missing = pc.sum(pc.is_null(rows["ref_logp_sum"])).as_py() or 0
+    counts = {"selected": rows.num_rows, "already_computed": rows.num_rows - missing, "computed": 0}
+    if missing == 0:
+        return counts
+    reference = ctx.start if ctx.cfg.train.reference == "champion" else ctx.initial
+    groups, ids = read_groups(ctx, with_reference=False)
+    ref = compute_reference_logps(reference["path"], groups, ctx.cfg.train, ctx.cfg.runtime,
+                                  options=forward_options(ctx))  # fmt: skip
+    ctx.store.update_candidates(ids, ref_logp_sum=ref.sum, ref_logp_mean=ref.mean,
+                                ref_n_tokens=ref.n_tokens.astype(np.int64))  # fmt: skip
+    counts.update(computed=len(ids), reference=reference["id"])
+    return counts
+
+
+def train(ctx: RoundContext) -> dict:
+    """Train the round's starting champion on its selected groups; register the result as a candidate."""
+    from ampo.losses import LOSSES
+    from ampo.checkpoints import load_checkpoint_manifest
+    from ampo.trainer import TrainSpec, launch_command, run_spec
+    from ampo.training_data import save_groups
+
+    cfg = ctx.cfg
+    groups, _ = read_groups(ctx, with_reference=True)
+    if not groups:
+        raise ValueError(f"run {ctx.run!r} round {ctx.round} has no selected groups to train on")
+    if LOSSES[cfg.loss.name].needs_ref and any(g.ref_logp_sum is None for g in groups):
+        raise ValueError(f"loss {cfg.loss.name!r} needs reference log-probs; run the reflogps stage first")
+    ckpt_id = candidate_checkpoint_id(ctx.run, ctx.round)
+    out = Path(cfg.runtime.workdir) / "checkpoints" / ctx.run / ckpt_id
+    spec = TrainSpec(policy_path=ctx.start["path"], groups_path=str(save_groups(ctx.dir / "groups.jsonl", groups)),
+                     output_dir=str(out), loss=cfg.loss, train=cfg.train, runtime=cfg.runtime,
+                     manifest_extra={"id": ckpt_id, "parent": ctx.start["id"], "run": ctx.run,
+                                     "round": ctx.round, "data_version": ctx.store.version},
+                     system_prompt=cfg.generation.system_prompt)  # fmt: skip
+    if cfg.runtime.launcher == "accelerate":
+        spec_path = write_json_atomic(ctx.dir / "train-spec.json", spec.model_dump(mode="json"))
+        subprocess.run(launch_command(spec_path, cfg.runtime), check=True)
+        metrics = load_checkpoint_manifest(out)["metrics"]
+    else:
+        metrics = run_spec(spec, progress=lambda step, total, _: ctx.report("train", step, total)).metrics
+    ctx.store.upsert_checkpoint({"id": ckpt_id, "run": ctx.run, "round": ctx.round, "path": str(out.resolve()),
+                                 "parent": ctx.start["id"], "status": "candidate",
+                                 "config_hash": load_checkpoint_manifest(out).get("config_hash", ""),
+                                 "data_version": ctx.store.version})  # fmt: skip
+    return {"groups": len(groups), "checkpoint": ckpt_id, **_numbers(metrics)}
+
+
+def _numbers(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}

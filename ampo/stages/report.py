@@ -1,0 +1,64 @@
+"""A finished (or partial) round, summarised: markdown, selection statistics and plots, written under its folder."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ampo import report
+from ampo.config import RunConfig
+from ampo.stages.context import open_store, round_dir
+
+MAP_PROMPTS = 4  # prompts drawn in the 2-D embedding map
+
+
+def write_round_report(cfg: RunConfig, run: str, round_: int) -> dict:
+    """Write summary.md, selection.json-like rows and PNG plots for (run, round); return paths and texts."""
+    store = open_store(cfg)
+    out = round_dir(cfg, run, round_) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    stages = store.stage_status(run, round_)
+    rows = store.read_rows(run, round_, ["prompt_id", "reward", "role", "vector"])
+    scored = rows.filter(rows["reward"].is_valid())
+    prompt_ids = np.asarray(scored["prompt_id"].to_pylist(), dtype=object)
+    rewards = scored["reward"].to_numpy(zero_copy_only=False).astype(float)
+    roles = np.asarray(scored["role"].to_pylist(), dtype=object)
+    offsets = np.flatnonzero(np.r_[True, prompt_ids[1:] != prompt_ids[:-1], True]) if len(prompt_ids) else np.zeros(1, int)
+    stats = report.selection_stats(offsets, rewards, roles)
+    decision = (stages.get("promote") or {}).get("gate")
+    markdown = report.markdown_summary(run, round_, stages, stats, decision)
+    (out / "summary.md").write_text(markdown)
+    plots = [report.plot_reward_distribution(rewards, rewards[roles != ""], out / "rewards.png")]
+    if len(scored) and scored["vector"].null_count == 0:
+        first = np.isin(prompt_ids, np.unique(prompt_ids)[:MAP_PROMPTS])
+        vectors = np.stack(scored["vector"].to_numpy(zero_copy_only=False)[first])
+        _, prompt_idx = np.unique(prompt_ids[first], return_inverse=True)
+        plots.append(report.plot_embedding_map(vectors, prompt_idx, roles[first], out / "embeddings.png"))
+    history = rounds_history(cfg, run)
+    if history:
+        plots.append(report.plot_rounds(history, out / "rounds.png"))
+    table = [{"statistic": k, "value": v} for k, v in stats.items()]
+    return {"markdown": str(out / "summary.md"), "markdown_text": markdown, "selection_table": table,
+            "plots": [str(p) for p in plots]}
+
+
+def rounds_history(cfg: RunConfig, run: str) -> list[dict]:
+    """Evaluation metrics of every evaluated round of the run, oldest first."""
+    store = open_store(cfg)
+    history, round_ = [], 0
+    while True:
+        status = store.stage_status(run, round_)
+        if not status:
+            return history
+        m = (status.get("evaluate") or {}).get("metrics") or {}
+        if m:
+            history.append({"round": round_, "champion_reward": m.get("champion/mean_reward"),
+                            "candidate_reward": m.get("candidate/mean_reward"), "win_rate": m.get("eval/win_rate")})
+        round_ += 1
+
+
+def round_outcome(cfg: RunConfig, run: str, round_: int) -> dict:
+    """Champion after the round and the gate decision, for flow results and the CLI."""
+    store = open_store(cfg)
+    promote = store.stage_status(run, round_).get("promote") or {}
+    champion = store.champion(run)
+    return {"champion": champion["id"] if champion else None, "gate": promote.get("gate")}

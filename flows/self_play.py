@@ -1,0 +1,33 @@
+"""Self-play flows: one round is a plain pass over the stage tasks; a run is a loop over rounds."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from ampo import stages
+from ampo.config import RunConfig, validate_run_id
+from ampo.runlock import run_lock
+from tasks.stages import STAGE_TASKS, report
+
+
+@flow(name="self-play-round", log_prints=True, validate_parameters=True)
+def self_play_round(config: RunConfig, run_id: str, round: int | None = None, wait_s: float = 0.0) -> dict:
+    """Run (or resume) one round: generate, score, embed, select, reflogps, train, evaluate, promote.
+
+    Finished stages are skipped, so re-running after a crash finishes the rest. `round=None` takes the next one.
+    """
+    validate_run_id(run_id)
+    with run_lock(config.runtime.workdir, run_id, wait_s=wait_s):
+        round_ = stages.next_round(config, run_id) if round is None else round
+        for name in stages.STAGES:
+            STAGE_TASKS[name](config, run_id, round_)
+        files = report(config, run_id, round_)
+    return {"run": run_id, "round": round_, **stages.round_outcome(config, run_id, round_), "report": files}
+
+
+@flow(name="self-play", log_prints=True, validate_parameters=True)
+def self_play(config: RunConfig, run_id: str, rounds: int = 1, wait_s: float = 0.0) -> list[dict]:
+    """Run `rounds` more rounds of `run_id`, each starting from the current champion."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    return [self_play_round(config, run_id, None, wait_s) for _ in range(rounds)]
