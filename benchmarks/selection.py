@@ -1,11 +1,12 @@
-"""Selection speed: select_batch against the per-prompt reference `select`, and Opt-Select local search vs the MIP.
+"""Selection speed: select_batch vs the per-prompt reference `select`; Opt-Select local search vs the MIP.
 
     .venv/bin/python benchmarks/selection.py [--prompts 10000] [--reference-prompts 500] [--exact-prompts 200]
 
 Pools: N=32 responses, k=7 negatives, d=384 unit-norm embeddings around 6 random centres per prompt (cluster
-structure), rewards = a per-centre offset plus noise. Everything is seeded. The per-prompt reference (a Python loop
-over `select`, the plain implementation) is timed on --reference-prompts prompts and extrapolated linearly to
---prompts; its selections are also compared with the batched ones on those prompts.
+structure), rewards = a per-centre offset plus noise, one seed per prompt. Everything is seeded. The
+per-prompt reference (a Python loop over `select`, the plain implementation) is timed on --reference-prompts
+prompts and extrapolated linearly to --prompts; its selections are compared with the batched ones there.
+Wall time depends on what else runs on the machine, so CPU time (this process, all threads) is printed too.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 import numpy as np
 
 from ampo.selection import SELECTORS, select, select_batch
-from ampo.selection.ampo_methods import MEDOID_SOLVERS, medoid_cost
+from ampo.selection.ampo_methods import exact_medoids, medoid_cost
 from ampo.selection.pool import optselect_weights, pairwise_distances
 
 
@@ -30,15 +31,13 @@ def make_pools(prompts: int, n: int = 32, d: int = 384, islands: int = 6, seed: 
     emb = np.take_along_axis(centres, island[:, :, None], axis=1)
     emb += 0.6 * rng.standard_normal((prompts, n, d)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
-    rewards = np.take_along_axis(rng.normal(0, 1, (prompts, islands)), island, axis=1) + rng.normal(
-        0, 0.5, (prompts, n)
-    )
-    return rewards, emb
+    offsets = rng.normal(0, 1, (prompts, islands))
+    return np.take_along_axis(offsets, island, axis=1) + rng.normal(0, 0.5, (prompts, n)), emb
 
 
 def timed(fn, repeats: int = 1):
-    """fn() with its wall time and this process's CPU time (all threads) in seconds, each the minimum of `repeats`
-    runs (other engineers share the cores: the minimum is the least disturbed run)."""
+    """fn() with its wall time and this process's CPU time (all threads) in seconds, each the minimum of
+    `repeats` runs (other engineers share the cores: the minimum is the least disturbed run)."""
     walls, cpus = [], []
     for _ in range(repeats):
         gc.collect()
@@ -49,22 +48,31 @@ def timed(fn, repeats: int = 1):
     return out, min(walls), min(cpus)
 
 
+def compare(method: str, rewards, emb, k: int, seeds, sub: int, repeats: int) -> str:
+    """One markdown row: batched and extrapolated per-prompt times (wall, cpu), speed-ups, agreement."""
+    batched, wall_b, cpu_b = timed(lambda: select_batch(method, rewards, emb, k, seed=seeds), repeats)
+    reference, wall_r, cpu_r = timed(
+        lambda: [select(method, rewards[i], emb[i], k, seed=int(seeds[i])) for i in range(sub)], repeats
+    )
+    scale = len(rewards) / sub
+    same = sum(a == b for a, b in zip(batched[:sub], reference))
+    return (
+        f"| {method} | {wall_b:.3f} | {cpu_b:.3f} | {wall_r * scale:.2f} | {cpu_r * scale:.2f} "
+        f"| {wall_r * scale / wall_b:.0f}x | {cpu_r * scale / cpu_b:.0f}x | {same}/{sub} |"
+    )
+
+
 def optselect_quality(rewards, emb, k: int) -> dict[str, float]:
-    """Local-search cost / exact MIP cost on each pool."""
+    """Local-search cost / exact MIP cost, per pool: mean, worst, share equal to the optimum."""
     ratios = []
     for r, e in zip(rewards, emb):
-        top = int(np.argmax(r))
         w, dist = optselect_weights(r), pairwise_distances(e)
         local = select("optselect", r, e, k).rejected
-        exact = MEDOID_SOLVERS["exact"](dist, w, k, top)
+        exact = exact_medoids(dist, w, k, int(np.argmax(r)))
         ratios.append(medoid_cost(dist, w, local) / medoid_cost(dist, w, exact))
     ratios = np.array(ratios)
-    return {
-        "mean": ratios.mean(),
-        "worst": ratios.max(),
-        "equal": np.mean(ratios <= 1 + 1e-9),
-        "n": len(ratios),
-    }
+    equal = np.mean(ratios <= 1 + 1e-9)
+    return {"mean": ratios.mean(), "worst": ratios.max(), "equal": equal, "n": ratios.size}
 
 
 def main() -> None:
@@ -73,53 +81,27 @@ def main() -> None:
     parser.add_argument("--reference-prompts", type=int, default=500)
     parser.add_argument("--exact-prompts", type=int, default=200)
     parser.add_argument("--k", type=int, default=7)
-    parser.add_argument(
-        "--repeats", type=int, default=3, help="time each path this many times, keep the minimum"
-    )
+    parser.add_argument("--repeats", type=int, default=3, help="time each path this often, keep the minimum")
     parser.add_argument("--methods", nargs="*", default=list(SELECTORS))
     args = parser.parse_args()
     rewards, emb = make_pools(args.prompts)
-    seeds = np.arange(args.prompts)  # one seed per prompt
+    seeds = np.arange(args.prompts)
     sub = min(args.reference_prompts, args.prompts)
-    print(
-        f"pools: {args.prompts} prompts, N={rewards.shape[1]}, k={args.k}, d={emb.shape[2]}; "
-        f"cpus={os.cpu_count()}, load average {os.getloadavg()[0]:.2f}"
-    )
-    print(
-        f"reference: a Python loop over select(), timed on {sub} prompts and extrapolated x{args.prompts / sub:g} "
-        f"to {args.prompts}; wall = elapsed seconds, cpu = this process's CPU seconds; min of {args.repeats} runs\n"
-    )
-    print(
-        "| method | batched wall (s) | batched cpu (s) | reference wall (s, extrap.) | reference cpu (s, extrap.) "
-        "| speed-up wall | speed-up cpu | batched == reference |"
-    )
+    print(f"pools: {args.prompts} prompts, N={rewards.shape[1]}, k={args.k}, d={emb.shape[2]}; "
+          f"cpus={os.cpu_count()}, load average {os.getloadavg()[0]:.2f}")
+    print(f"reference: a Python loop over select() on {sub} prompts, extrapolated x{args.prompts / sub:g}; "
+          f"seconds are the minimum of {args.repeats} runs\n")
+    print("| method | batched wall (s) | batched cpu (s) | reference wall (s, extrap.) "
+          "| reference cpu (s, extrap.) | speed-up wall | speed-up cpu | batched == reference |")
     print("|---|---|---|---|---|---|---|---|")
     for method in args.methods:
-
-        def run_batched(method=method):
-            return select_batch(method, rewards, emb, args.k, seed=seeds)
-
-        def run_reference(method=method):
-            return [select(method, rewards[i], emb[i], args.k, seed=int(seeds[i])) for i in range(sub)]
-
-        batched, wall_b, cpu_b = timed(run_batched, args.repeats)
-        reference, wall_r, cpu_r = timed(run_reference, args.repeats)
-        scale = args.prompts / sub
-        same = sum(a == b for a, b in zip(batched[:sub], reference))
-        print(
-            f"| {method} | {wall_b:.3f} | {cpu_b:.3f} | {wall_r * scale:.2f} | {cpu_r * scale:.2f} "
-            f"| {wall_r * scale / wall_b:.0f}x | {cpu_r * scale / cpu_b:.0f}x | {same}/{sub} |",
-            flush=True,
-        )
-        del batched, reference
+        print(compare(method, rewards, emb, args.k, seeds, sub, args.repeats), flush=True)
     if "optselect" in args.methods and args.exact_prompts:
-        q, t, _ = timed(
-            lambda: optselect_quality(rewards[: args.exact_prompts], emb[: args.exact_prompts], args.k)
-        )
-        print(
-            f"\noptselect local search / exact MIP cost on {q['n']} prompts ({t:.1f} s): mean {q['mean']:.6f}, "
-            f"worst {q['worst']:.6f}, equal to the optimum on {100 * q['equal']:.1f}%"
-        )
+        n = args.exact_prompts
+        q, wall, _ = timed(lambda: optselect_quality(rewards[:n], emb[:n], args.k))
+        print(f"\noptselect local search / exact MIP cost on {q['n']} prompts ({wall:.1f} s): "
+              f"mean {q['mean']:.6f}, worst {q['worst']:.6f}, optimal on {100 * q['equal']:.1f}% of them")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -12,12 +12,12 @@ E5 = np.arange(10.0).reshape(5, 2)
 
 
 def islands(seed=0, per_island=3, centres=((0, 0), (10, 0)), spread=0.3):
-    """Points around well-separated centres in 2-D; island j holds indices j*per_island ... (j+1)*per_island - 1."""
+    """Points around well-separated 2-D centres; island j holds indices j*m ... (j+1)*m - 1 (m: per_island)"""
     rng = np.random.default_rng(seed)
     return np.concatenate([np.array(c) + spread * rng.standard_normal((per_island, 2)) for c in centres])
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # hand-computed selections
 
 
@@ -91,7 +91,8 @@ def test_coreset_all_points_fallback_when_the_positive_is_alone():
 
 def test_optselect_1d_by_hand():
     # x = [0, 1, 2, 10, 11], r = [0, 1, 0, 0, 2]: top = 4, candidates 0..3.
-    # w = exp(min(r) - r) = [1, e^-1, 1, 1, e^-2] (largest weight 1). Cost(S) = sum_i w_i min_{j in S} |x_i - x_j|:
+    # w = exp(min(r) - r) = [1, e^-1, 1, 1, e^-2] (largest weight 1).
+    # Cost(S) = sum_i w_i min_{j in S} |x_i - x_j|:
     #   {1, 3}: 1*1 + 0 + 1*1 + 0 + e^-2*1     = 2 + e^-2 = 2.1353   <- optimum
     #   {0, 3}: 0 + e^-1*1 + 1*2 + 0 + e^-2*1 = 2.5032;  {2, 3}: 1*2 + e^-1*1 + 0 + 0 + e^-2 = 2.5032
     #   {0, 2} (bottom-k init): 0 + e^-1 + 0 + 1*8 + e^-2*9 = 9.586
@@ -142,12 +143,12 @@ def test_random_is_seeded_uniform_and_excludes_the_positive():
     ]  # determinism
     counts = np.bincount(np.concatenate(picks), minlength=6)
     assert counts[1] == 0  # the positive
-    # each of the 5 candidates is drawn with p = 2/5: 2000 * .4 = 800, sd = sqrt(2000*.4*.6) = 22; allow 4.5 sd
+    # each of the 5 candidates is drawn with p = 2/5: 2000 * .4 = 800, sd = sqrt(2000*.4*.6) = 22; 4.5 sd
     assert np.all(np.abs(counts[[0, 2, 3, 4, 5]] - 800) < 100), counts
     assert len(set(picks)) == 10  # all C(5, 2) pairs occur
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # properties (spec section 6)
 
 
@@ -174,7 +175,7 @@ def test_deterministic(method):
     "method", ["bottomk", "optselect", "coreset", "extremes", "top_bottom", "mean_split"]
 )
 def test_permutation_equivariance(method):
-    # permuting the pool permutes the selection: pool position j of the permuted pool is original index perm[j]
+    # permuting the pool permutes the selection: position j of the permuted pool is original index perm[j]
     emb = islands(seed=4, per_island=4, centres=((0, 0), (10, 0), (0, 10)))  # coreset: a unique clustering
     r = np.random.default_rng(5).permutation(12) / 3.0  # distinct rewards
     base = select(method, r, emb, k=3)
@@ -204,7 +205,7 @@ def test_seeded_uniforms():
     assert not np.allclose(seeded_uniforms(np.array([1], np.uint64), STREAM_KMEANS, 1000)[0], u[1])
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # registry and bad input
 
 

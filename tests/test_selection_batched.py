@@ -1,4 +1,4 @@
-"""select_batch (vectorised numpy) against the plain per-prompt `select`, prompt by prompt, for every method."""
+"""select_batch (vectorised numpy) against the plain per-prompt `select`, prompt by prompt, every method."""
 
 import numpy as np
 import pytest
@@ -19,8 +19,8 @@ CASES = [(method, options) for method in SELECTORS for options in OPTIONS[method
 
 
 def pools(n_prompts, sizes, d=5, seed=0, ties=False):
-    """Per-prompt rewards (N_i,) and embeddings (N_i, d): clustered points; ties=True rounds rewards to 1 decimal
-    (many tied rewards) and duplicates some responses (identical embedding and reward)."""
+    """Per-prompt rewards (N_i,) and embeddings (N_i, d): clustered points. ties=True rounds rewards to 1
+    decimal (many tied rewards) and duplicates a response (identical embedding and reward)."""
     rng = np.random.default_rng(seed)
     rewards, embeddings = [], []
     for p in range(n_prompts):
@@ -99,7 +99,7 @@ def test_many_prompts_through_several_steps(monkeypatch, chunk, floats):
 
 
 def test_coreset_fallback_when_the_positive_is_alone():
-    # cluster_on="all" with the positive far from everything: its cluster gives no negative, the fallback fills in
+    # cluster_on="all", the positive far from everything: its cluster gives no negative, the fallback fills in
     rewards, embeddings = pools(20, sizes=[8], seed=9)
     for r, e in zip(rewards, embeddings):
         e[np.argmax(r)] = 100.0

@@ -1,4 +1,4 @@
-"""Alignment potential M_AP (spec 4.1, 4.4): hand-computed values, the official code's selection rule, invariances."""
+"""Alignment potential M_AP (spec 4.1, 4.4): values by hand, the official selection rule, invariances."""
 
 import numpy as np
 import pytest

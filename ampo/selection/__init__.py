@@ -1,7 +1,7 @@
-"""Subset selection per prompt (AMPO spec 3.3, MPO spec 2.2) and pair selection by alignment potential (spec 4).
+"""Subset selection per prompt (AMPO spec 3.3, MPO spec 2.2); pair selection by alignment potential (spec 4).
 
-select(method, rewards (N,), embeddings (N, d), k) -> Selection for one prompt; select_batch(...) for many prompts
-at once, vectorised, with the same results. Methods: the keys of SELECTORS. See docs/selection.md.
+select(method, rewards (N,), embeddings (N, d), k) -> Selection for one prompt; select_batch(...) for many
+prompts at once, vectorised, with the same results. Methods: the keys of SELECTORS. See docs/selection.md.
 """
 
 from ampo.selection.batched import BATCH_SELECTORS, select_batch

@@ -1,5 +1,6 @@
-"""AMPO selectors for one prompt (spec 3.3): the positive is the best response; the k negatives are the bottom-k by
-reward, the lowest-reward member of each k-means cluster (Coreset), or the weighted k-medoids (Opt-Select).
+"""AMPO selectors for one prompt (spec 3.3): the positive is the best response; the k negatives are the
+bottom-k by reward, the lowest-reward member of each k-means cluster (Coreset), or the weighted k-medoids
+(Opt-Select).
 
 Written to be read: loops over clusters and swaps as in the spec's pseudocode. They are the reference that the
 vectorised path (batched.py, batched_kmeans.py) is tested against. Inputs are already checked by `select`:
@@ -36,21 +37,21 @@ def bottomk_indices(rewards: np.ndarray, k: int) -> list[int]:
 
 
 def select_bottomk(rewards, embeddings, k, *, seed=0) -> Selection:
-    """AMPO-BottomK (spec 3.3.1): the k lowest rewards, ties to the lower index. rewards (N,); ignores embeddings."""
+    """AMPO-BottomK (spec 3.3.1): the k lowest rewards, ties to the lower index. rewards (N,) only."""
     top, _ = candidates_of(rewards)
     return Selection("bottomk", [top], bottomk_indices(rewards, k))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Coreset
 
 
 def kmeanspp(points: np.ndarray, k: int, u: np.ndarray) -> list[int]:
-    """k-means++ seeding (Arthur & Vassilvitskii 2007) with the k uniforms u. points (n, d) -> k point indices.
+    """k-means++ seeding (Arthur & Vassilvitskii 2007) with the k uniforms u. points (n, d) -> k indices.
 
-    The first centre is point floor(u0 * n); centre c is drawn with probability D(x)^2 by inverting the cumulative
-    sum at u_c * total. If every point already sits on a centre (fewer than k distinct points), the lowest unused
-    index is taken.
+    The first centre is point floor(u0 * n); centre c is drawn with probability D(x)^2 by inverting the
+    cumulative sum at u_c * total. If every point already sits on a centre (fewer than k distinct points), the
+    lowest unused index is taken.
     """
     n = len(points)
     centres = [min(int(u[0] * n), n - 1)]
@@ -86,7 +87,7 @@ def lloyd(points: np.ndarray, centres: np.ndarray, max_iter: int) -> tuple[np.nd
 
 
 def kmeans(points: np.ndarray, k: int, *, seed: int, n_init: int, max_iter: int) -> np.ndarray:
-    """Euclidean k-means: n_init k-means++ starts, the lowest inertia wins (first on ties). (n, d) -> labels (n,)."""
+    """Euclidean k-means: n_init k-means++ starts, lowest inertia wins (first on ties). (n, d) -> (n,)."""
     u = seeded_uniforms(np.array([seed], dtype=np.uint64), STREAM_KMEANS, n_init * k).reshape(n_init, k)
     best_labels, best_inertia = None, np.inf
     for t in range(n_init):
@@ -97,7 +98,7 @@ def kmeans(points: np.ndarray, k: int, *, seed: int, n_init: int, max_iter: int)
 
 
 def first_appearance_ids(labels: list[int]) -> list[int]:
-    """Renumber cluster ids by first appearance in pool order, so the ids do not depend on k-means internals."""
+    """Renumber cluster ids by first appearance in pool order: the ids do not depend on k-means internals."""
     ids: dict[int, int] = {}
     return [-1 if label < 0 else ids.setdefault(label, len(ids)) for label in labels]
 
@@ -107,10 +108,10 @@ def select_coreset(
 ) -> Selection:
     """AMPO-Coreset (spec 3.3.2): k-means on the embeddings, then the lowest-reward member of every cluster.
 
-    rewards (N,), embeddings (N, d). cluster_on="candidates" clusters the N-1 non-positive responses, which always
-    gives k distinct negatives; "all" clusters all N (spec A5), and a cluster holding only the positive is
-    replaced by the lowest-reward unused candidate. `clusters`: cluster id per pool member, -1 for the positive
-    under "candidates".
+    rewards (N,), embeddings (N, d). cluster_on="candidates" clusters the N-1 non-positive responses, which
+    always gives k distinct negatives; "all" clusters all N (spec A5), and a cluster holding only the positive
+    is replaced by the lowest-reward unused candidate. `clusters`: cluster id per pool member, -1 for the
+    positive under "candidates".
     """
     top, candidates = candidates_of(rewards)
     members = candidates if cluster_on == "candidates" else list(range(len(rewards)))
@@ -132,7 +133,7 @@ def select_coreset(
     return Selection("coreset", [top], sorted(rejected), clusters=first_appearance_ids(clusters))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Opt-Select
 
 
@@ -144,8 +145,8 @@ def medoid_cost(dist: np.ndarray, weights: np.ndarray, medoids: list[int]) -> fl
 def local_search_medoids(dist, weights, k, top, init) -> list[int]:
     """Best-improvement single-swap local search from `init` (PAM swap; Arya et al. 2004: a 5-approximation).
 
-    Every (medoid a, candidate b) swap is costed; the cheapest is taken, the first in (a, b) ascending order on
-    ties, while it lowers the cost by more than SWAP_TOL relative. The positive `top` is never a medoid.
+    Every (medoid a, candidate b) swap is costed; the cheapest is taken, the first in (a, b) ascending order
+    on ties, while it lowers the cost by more than SWAP_TOL relative. The positive `top` is never a medoid.
     """
     candidates = [j for j in range(len(weights)) if j != top]
     medoids = sorted(init)
@@ -170,7 +171,7 @@ def exact_medoids(dist, weights, k, top, init=None) -> list[int]:
 
     Variables x_j (j a candidate medoid) and z_ij (i assigned to j); min sum w_i A_ij z_ij s.t. sum x = k,
     sum_j z_ij = 1, z_ij <= x_j. Only x is declared integral: for a 0/1 x the best z is the nearest-medoid
-    assignment. Ignores `init`. Among several optimal sets, which one HiGHS returns is its own (deterministic).
+    assignment. Ignores `init`. Among several optimal sets HiGHS returns one of its choosing (deterministic).
     """
     n = len(weights)
     cand = [j for j in range(n) if j != top]
@@ -201,12 +202,13 @@ MEDOID_SOLVERS = {"local_search": local_search_medoids, "exact": exact_medoids}
 def select_optselect(
     rewards, embeddings, k, *, seed=0, points="all", weight_temperature=1.0, solver="local_search"
 ) -> Selection:
-    """AMPO-Opt-Select (spec 3.3.3): the k medoids S, positive excluded, minimising sum_i w_i min_{j in S} A_ij.
+    """AMPO-Opt-Select (spec 3.3.3): the k medoids S (never the positive) minimising the weighted cost.
 
-    rewards (N,), embeddings (N, d). A_ij = ||e_i - e_j||_2, w_i = exp((r_bar - r_i) / T) scaled so max w = 1
-    (same argmin, no overflow). points="all" sums over all N responses, "candidates" over the N-1 without the
-    positive (spec A6). solver="local_search" starts from bottom-k; "exact" solves the MIP. `clusters`: the
-    medoid (pool index) nearest to each member; `cost`: the objective with the scaled weights.
+    Cost(S) = sum_i w_i min_{j in S} A_ij with A_ij = ||e_i - e_j||_2 and w_i = exp((r_bar - r_i) / T), scaled
+    so max w = 1 (same argmin, no overflow). rewards (N,), embeddings (N, d). points="all" sums over all N
+    responses, "candidates" over the N-1 without the positive (spec A6). solver="local_search" starts from
+    bottom-k; "exact" solves the MIP. `clusters`: the medoid (pool index) nearest to each member; `cost`: the
+    objective with the scaled weights.
     """
     top, _ = candidates_of(rewards)
     weights = optselect_weights(rewards, weight_temperature)

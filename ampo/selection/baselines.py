@@ -1,7 +1,7 @@
 """Baseline selectors for one prompt: random negatives, best vs worst (DPO/SimPO), and the MPO partitions.
 
-The same (rewards (N,), embeddings (N, d), k) signature as the AMPO selectors; none of them reads the embeddings.
-Inputs are already checked by `select`. Ties always go to the lower pool index.
+The same (rewards (N,), embeddings (N, d), k) signature as the AMPO selectors; none of them reads the
+embeddings. Inputs are already checked by `select`. Ties always go to the lower pool index.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def select_extremes(rewards, embeddings, k, *, seed=0) -> Selection:
 def select_mean_split(rewards, embeddings, k, *, seed=0) -> Selection:
     """MPO partition (spec 2.2): chosen = {r_i > mean(r)}, rejected = {r_i <= mean(r)}. Ignores k.
 
-    A pool whose rewards are all equal has no chosen set: the selection is skipped (empty, with skipped_reason).
+    A pool whose rewards are all equal has no chosen set: the selection is skipped (empty, skipped_reason).
     """
     if rewards.max() == rewards.min():
         return skipped_selection("mean_split", ALL_EQUAL)
@@ -47,7 +47,7 @@ def select_mean_split(rewards, embeddings, k, *, seed=0) -> Selection:
 
 
 def select_top_bottom(rewards, embeddings, k, *, seed=0, m=2) -> Selection:
-    """MPO on-policy partition (spec 2.2, REFA 6.1): the m best vs the m worst responses. Ignores k; needs 2m <= N."""
+    """MPO on-policy partition (spec 2.2, REFA 6.1): the m best vs the m worst. Ignores k; needs 2m <= N."""
     n = len(rewards)
     if 2 * m > n:
         raise ValueError(f"top_bottom with m={m} needs a pool of at least 2m = {2 * m} responses; got N={n}")

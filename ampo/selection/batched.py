@@ -2,9 +2,9 @@
 
 Prompts are grouped by pool size N and processed in chunks (at most CHUNK prompts, and few enough that no
 temporary exceeds FLOATS_PER_STEP float64s, whatever N, d and k). Each method has one batched function
-(rewards (B, N), embeddings (B, N, d) or None, k, seeds (B,)) -> B Selections that equals the per-prompt function in
-ampo_methods.py / baselines.py prompt by prompt (tests/test_selection_batched.py checks this). Ties, seeds and
-stopping rules are the same; only the floating-point rounding of k-means distances differs (Gram form).
+(rewards (B, N), embeddings (B, N, d) or None, k, seeds (B,)) -> B Selections that equals the per-prompt
+function in ampo_methods.py / baselines.py prompt by prompt (tests/test_selection_batched.py checks this).
+Ties, seeds and stopping rules are the same; only the rounding of k-means distances differs (Gram form).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def batch_bottomk(rewards, embeddings, k, *, seeds) -> list[Selection]:
 
 
 def batch_random(rewards, embeddings, k, *, seeds) -> list[Selection]:
-    """select_random for B pools: the k candidates with the smallest seeded uniforms. rewards (B, N), seeds (B,)."""
+    """select_random for B pools: the k candidates with the smallest seeded uniforms. rewards (B, N)."""
     top = top_index(rewards)
     rejected = np.sort(
         bottom_order(seeded_uniforms(seeds, STREAM_RANDOM, rewards.shape[1]), top)[:, :k], axis=1
@@ -92,46 +92,55 @@ def batch_top_bottom(rewards, embeddings, k, *, seeds, m=2) -> list[Selection]:
     ]
 
 
+def coreset_members(top: np.ndarray, n: int, cluster_on: str) -> np.ndarray:
+    """Pool indices that k-means clusters, ascending: (B, N-1) without the positive, or (B, N) for "all"."""
+    if cluster_on == "candidates":
+        j = np.arange(n - 1)
+        return j + (j >= top[:, None])
+    return np.broadcast_to(np.arange(n), (len(top), n))
+
+
+def lowest_per_cluster(rewards, members, labels, top, k) -> tuple[np.ndarray, np.ndarray]:
+    """The lowest-reward member of each cluster, the positive excluded, ties to the lower index.
+
+    rewards (B, N), members (B, n), labels (B, n) -> pool indices (B, k), whether the cluster had one (B, k).
+    """
+    member_rewards = np.take_along_axis(rewards, members, axis=1)
+    member_rewards = np.where(members == top[:, None], np.inf, member_rewards)
+    in_cluster = np.where(labels[:, :, None] == np.arange(k), member_rewards[:, :, None], np.inf)  # (B, n, k)
+    lowest = np.take_along_axis(members, in_cluster.argmin(axis=1), axis=1)
+    return lowest, np.isfinite(in_cluster.min(axis=1))
+
+
 def batch_coreset(rewards, embeddings, k, *, seeds, cluster_on="candidates", n_init=10, max_iter=100):
     """select_coreset for B pools. rewards (B, N), embeddings (B, N, d), seeds (B,)."""
     B, N = rewards.shape
     top = top_index(rewards)
-    if cluster_on == "candidates":
-        j = np.arange(N - 1)
-        members = j + (j >= top[:, None])  # (B, N-1): pool indices without the positive, ascending
-    else:
-        members = np.broadcast_to(np.arange(N), (B, N))
-    gram = gram_matrix(embeddings)  # (B, N, N), then the members' block (B, n, n)
-    gram = gram[np.arange(B)[:, None, None], members[:, :, None], members[:, None, :]]
-    step = rows_per_step(gram.shape[1] * n_init * k)  # Lloyd holds (rows, n, n_init, k) arrays
-    labels = np.concatenate(
-        [
-            batch_kmeans(gram[i : i + step], k, seeds[i : i + step], n_init=n_init, max_iter=max_iter)
-            for i in range(0, B, step)
-        ]
-    )  # (B, n)
-    member_rewards = np.where(members == top[:, None], np.inf, np.take_along_axis(rewards, members, axis=1))
-    in_cluster = np.where(labels[:, :, None] == np.arange(k), member_rewards[:, :, None], np.inf)  # (B, n, k)
-    lowest = np.take_along_axis(
-        members, in_cluster.argmin(axis=1), axis=1
-    )  # (B, k): lowest reward per cluster
-    has_negative = np.isfinite(in_cluster.min(axis=1))  # (B, k)
+    members = coreset_members(top, N, cluster_on)  # (B, n)
+    rows = np.arange(B)[:, None, None]
+    gram = gram_matrix(embeddings)[rows, members[:, :, None], members[:, None, :]]  # (B, n, n)
+    step = rows_per_step(members.shape[1] * n_init * k)  # Lloyd holds (rows, n, n_init, k) arrays
+    labels = np.concatenate([
+        batch_kmeans(gram[i : i + step], k, seeds[i : i + step], n_init=n_init, max_iter=max_iter)
+        for i in range(0, B, step)
+    ])  # (B, n)
+    lowest, has_negative = lowest_per_cluster(rewards, members, labels, top, k)
+    rejected = np.sort(lowest, axis=1).tolist()
+    for b in np.flatnonzero(~has_negative.all(axis=1)):  # a cluster held only the positive (cluster_on="all")
+        picked = set(lowest[b, has_negative[b]].tolist())
+        bottom = bottom_order(rewards[b : b + 1], top[b : b + 1])[0, : N - 1].tolist()
+        rejected[b] = sorted(picked | set([i for i in bottom if i not in picked][: k - len(picked)]))
     clusters = np.full((B, N), -1)
     np.put_along_axis(clusters, members, labels, axis=1)
     clusters = first_appearance(clusters, k).tolist()
-    rejected = np.sort(lowest, axis=1).tolist()
-    order = None
-    for b in np.flatnonzero(~has_negative.all(axis=1)):  # a cluster held only the positive (cluster_on="all")
-        order = bottom_order(rewards, top) if order is None else order
-        picked = set(lowest[b, has_negative[b]].tolist())
-        fill = [i for i in order[b, : N - 1].tolist() if i not in picked][: k - len(picked)]
-        rejected[b] = sorted(picked | set(fill))
     return [Selection("coreset", [t], r, clusters=c) for t, r, c in zip(top.tolist(), rejected, clusters)]
 
 
 def best_swaps(dist, weights, medoids, top) -> tuple[np.ndarray, np.ndarray]:
-    """One best-improvement swap for B pools. dist (B, N, N), weights (B, N), medoids (B, k) ascending, top (B,)
-    -> accepted (B,) bool, swapped medoids (B, k) ascending. Costs every swap of local_search_medoids at once."""
+    """One best-improvement swap for B pools: every swap of local_search_medoids costed at once.
+
+    dist (B, N, N), weights (B, N), medoids (B, k) ascending, top (B,) -> accepted (B,), new medoids (B, k).
+    """
     B, N, _ = dist.shape
     k = medoids.shape[1]
     rows = np.arange(B)
@@ -148,12 +157,10 @@ def best_swaps(dist, weights, medoids, top) -> tuple[np.ndarray, np.ndarray]:
     np.put_along_axis(to_medoid, nearest[:, :, None], np.inf, axis=2)
     d2 = to_medoid.min(axis=2)  # (B, N): second nearest (inf when k = 1)
     current = (weights * d1).sum(axis=1)  # (B,)
-    without = np.where(
-        np.arange(k)[None, :, None] == nearest[:, None, :], d2[:, None, :], d1[:, None, :]
-    )  # (B,k,N)
-    trial = np.minimum(
-        without[:, :, None, :], dist[rows[:, None], incoming][:, None]
-    )  # (B, k, M, N): a out, b in
+    # without[a, i]: distance from i to the nearest medoid other than medoid a. (B, k, N)
+    without = np.where(np.arange(k)[None, :, None] == nearest[:, None, :], d2[:, None, :], d1[:, None, :])
+    # trial[a, b, i]: distance from i to its nearest medoid after swapping a for candidate b. (B, k, M, N)
+    trial = np.minimum(without[:, :, None, :], dist[rows[:, None], incoming][:, None])
     trial *= weights[:, None, None, :]
     cost = trial.sum(axis=3).reshape(B, k * M)  # summed like medoid_cost: the same floats, bit for bit
     flat = cost.argmin(axis=1)  # first minimum in (a, b) order
@@ -182,7 +189,7 @@ def batch_local_search(dist, weights, medoids, top) -> np.ndarray:
 def batch_optselect(
     rewards, embeddings, k, *, seeds, points="all", weight_temperature=1.0, solver="local_search"
 ) -> list[Selection]:
-    """select_optselect for B pools. rewards (B, N), embeddings (B, N, d). solver="exact" loops over prompts."""
+    """select_optselect for B pools. rewards (B, N), embeddings (B, N, d). solver="exact" loops."""
     if solver == "exact":  # the MIP is the reference, not the fast path
         return [
             select_optselect(r, e, k, points=points, weight_temperature=weight_temperature, solver="exact")
@@ -197,9 +204,7 @@ def batch_optselect(
     init = np.sort(bottom_order(rewards, top)[:, :k], axis=1)
     medoids = batch_local_search(dist, weights, init, top)
     to_medoid = np.take_along_axis(dist, np.broadcast_to(medoids[:, None, :], (*dist.shape[:2], k)), axis=2)
-    nearest = np.take_along_axis(
-        medoids, to_medoid.argmin(axis=2), axis=1
-    )  # (B, N) pool index of nearest medoid
+    nearest = np.take_along_axis(medoids, to_medoid.argmin(axis=2), axis=1)  # (B, N): pool index of a medoid
     cost = (weights * to_medoid.min(axis=2)).sum(axis=1)
     return [
         Selection("optselect", [t], s, clusters=c, cost=v)
@@ -218,29 +223,14 @@ BATCH_SELECTORS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # entry point: input layouts, grouping by N, checks
 
 
 def pool_sizes(rewards, embeddings, lengths) -> np.ndarray:
-    """Pool size per prompt, after checking the layout: padded arrays (+ lengths) or lists of per-prompt arrays."""
+    """Pool size per prompt, after checking the layout: padded arrays (+ lengths) or lists of arrays."""
     if isinstance(rewards, (list, tuple)):
-        if lengths is not None:
-            raise ValueError(
-                "lengths is only for padded arrays; lists of per-prompt arrays carry their own sizes"
-            )
-        if not isinstance(embeddings, (list, tuple)) or len(embeddings) != len(rewards):
-            raise ValueError(
-                f"embeddings must be a list of {len(rewards)} arrays (N_i, d), one per reward array"
-            )
-        sizes = np.array([np.shape(r)[0] if np.ndim(r) == 1 else -1 for r in rewards], dtype=np.int64)
-        for p, (r, e) in enumerate(zip(rewards, embeddings)):
-            if np.ndim(r) != 1 or np.ndim(e) != 2 or np.shape(e)[0] != sizes[p]:
-                raise ValueError(
-                    f"prompt {p}: rewards (N,) and embeddings (N, d) expected; got "
-                    f"{np.shape(r)} and {np.shape(e)}"
-                )
-        return sizes
+        return list_sizes(rewards, embeddings, lengths)
     r, e = np.asarray(rewards), np.asarray(embeddings)
     if r.ndim != 2 or e.ndim != 3 or e.shape[:2] != r.shape:
         raise ValueError(
@@ -249,14 +239,23 @@ def pool_sizes(rewards, embeddings, lengths) -> np.ndarray:
     if lengths is None:
         return np.full(r.shape[0], r.shape[1], dtype=np.int64)
     sizes = np.asarray(lengths)
-    if (
-        sizes.shape != (r.shape[0],)
-        or sizes.dtype.kind not in "iu"
-        or (sizes < 0).any()
-        or (sizes > r.shape[1]).any()
-    ):
+    ints = sizes.shape == (r.shape[0],) and sizes.dtype.kind in "iu"
+    if not (ints and ((sizes >= 0) & (sizes <= r.shape[1])).all()):
         raise ValueError(f"lengths must be {r.shape[0]} ints in [0, {r.shape[1]}]; got {sizes!r:.80}")
     return sizes.astype(np.int64)
+
+
+def list_sizes(rewards, embeddings, lengths) -> np.ndarray:
+    """Pool sizes of lists of B arrays (N_i,) and (N_i, d)."""
+    if lengths is not None:
+        raise ValueError("lengths is only for padded arrays; lists of arrays carry their own sizes")
+    if not isinstance(embeddings, (list, tuple)) or len(embeddings) != len(rewards):
+        raise ValueError(f"embeddings must be a list of {len(rewards)} arrays (N_i, d), one per reward array")
+    for p, (r, e) in enumerate(zip(rewards, embeddings)):
+        if np.ndim(r) != 1 or np.ndim(e) != 2 or np.shape(e)[0] != np.shape(r)[0]:
+            shapes = f"{np.shape(r)} and {np.shape(e)}"
+            raise ValueError(f"prompt {p}: rewards (N,) and embeddings (N, d) expected; got {shapes}")
+    return np.array([len(r) for r in rewards], dtype=np.int64)
 
 
 def embedding_dim(embeddings) -> int:
@@ -267,7 +266,7 @@ def embedding_dim(embeddings) -> int:
 
 
 def gather(values, prompts: np.ndarray, n: int, dtype) -> np.ndarray:
-    """Stack the first n entries of the given prompts. values: padded array or list of arrays -> (b, n, ...)."""
+    """The first n entries of the given prompts, stacked: padded array or list of arrays -> (b, n, ...)."""
     if isinstance(values, (list, tuple)):
         return np.stack([np.asarray(values[p], dtype=dtype) for p in prompts])
     return np.asarray(np.asarray(values)[prompts, :n], dtype=dtype)
@@ -291,9 +290,10 @@ def select_batch(
 ) -> list[Selection]:
     """`select` for B prompts at once: result i equals select(method, pool i, k, seed=seeds[i], **options).
 
-    rewards (B, Nmax) + embeddings (B, Nmax, d) + lengths (B,) (pool i is the first lengths[i] entries; padding
-    is ignored; lengths=None means all Nmax), or lists of B arrays (N_i,) and (N_i, d). seed: one int used for
-    every prompt, or B ints, one per prompt. optselect with solver="exact" loops over prompts (the reference MIP).
+    rewards (B, Nmax) + embeddings (B, Nmax, d) + lengths (B,) (pool i is the first lengths[i] entries;
+    padding is ignored; lengths=None means all Nmax), or lists of B arrays (N_i,) and (N_i, d). seed: one int
+    used for every prompt, or B ints, one per prompt. optselect with solver="exact" loops over prompts (the
+    MIP is the reference, not the fast path).
     """
     check_method(method, options)
     k = check_k(k)
@@ -309,8 +309,7 @@ def select_batch(
             r = gather(rewards, prompts, n, np.float64)
             e = gather(embeddings, prompts, n, None) if method in USES_EMBEDDINGS else None
             check_chunk(method, r, e, k, prompts)
-            for p, selection in zip(
-                prompts.tolist(), BATCH_SELECTORS[method](r, e, k, seeds=seeds[prompts], **options)
-            ):
+            selections = BATCH_SELECTORS[method](r, e, k, seeds=seeds[prompts], **options)
+            for p, selection in zip(prompts.tolist(), selections):
                 out[p] = selection
     return out

@@ -1,9 +1,9 @@
-"""k-means for B small point sets at once: the algorithm of ampo_methods.kmeans, vectorised over prompts and starts.
+"""k-means for B small point sets at once: ampo_methods.kmeans, vectorised over prompts and starts.
 
 Works on the Gram matrix G = X X^T (B, n, n). A centre is a weighted mean of the points, c = X^T v, so
-||x_i - c||^2 = G_ii - 2 (G v)_i + v^T G v: one Lloyd step costs n*n*k per start instead of n*d*k (n = 31 << d = 384),
-and all starts of a prompt share one (n, n) @ (n, T*k) matmul. Same uniforms, same tie rules, same stopping rule
-as the per-prompt reference; only rounding differs (Gram form instead of explicit differences).
+||x_i - c||^2 = G_ii - 2 (G v)_i + v^T G v: one Lloyd step costs n*n*k per start instead of n*d*k
+(n = 31 << d = 384), and all starts of a prompt share one (n, n) @ (n, T*k) matmul. Same uniforms, same tie
+rules, same stopping rule as the per-prompt reference; only rounding differs (Gram form, not differences).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def gram_matrix(points: np.ndarray) -> np.ndarray:
 
 
 def sq_distances(gram: np.ndarray) -> np.ndarray:
-    """Squared distances |x_i|^2 + |x_j|^2 - 2 x_i.x_j, clipped at 0, zero diagonal. (B, n, n) -> (B, n, n)."""
+    """Squared distances |x_i|^2 + |x_j|^2 - 2 x_i.x_j, clipped at 0, zero diagonal. (B, n, n) -> same."""
     sq = np.einsum("bii->bi", gram)
     d2 = np.maximum(sq[:, :, None] + sq[:, None, :] - 2.0 * gram, 0.0)
     idx = np.arange(d2.shape[-1])
@@ -30,7 +30,7 @@ def sq_distances(gram: np.ndarray) -> np.ndarray:
 
 
 def batch_kmeanspp(d2: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """k-means++ seeding for every (prompt, start). d2 (B, n, n), uniforms u (B, T, k) -> centre indices (B, T, k)."""
+    """k-means++ seeding for every (prompt, start). d2 (B, n, n), uniforms (B, T, k) -> centres (B, T, k)."""
     B, T, k = u.shape
     n = d2.shape[-1]
     rows = np.arange(B)[:, None]  # (B, 1): broadcasts over starts
@@ -52,7 +52,8 @@ def batch_kmeanspp(d2: np.ndarray, u: np.ndarray) -> np.ndarray:
 
 def batch_lloyd(gram: np.ndarray, centres: np.ndarray, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
     """Lloyd's iterations for every (prompt, start) until no label changes. gram (B, n, n), centres (B, T, k)
-    point indices -> labels (B, T, n), inertia (B, T). Ties go to the lower centre; an empty cluster keeps its centre.
+    point indices -> labels (B, T, n), inertia (B, T). Ties go to the lower centre; an empty cluster keeps its
+    centre.
 
     A converged start recomputes the same centres, so a prompt iterates until all its starts have converged;
     prompts whose starts have all converged leave the working set.
@@ -62,7 +63,7 @@ def batch_lloyd(gram: np.ndarray, centres: np.ndarray, max_iter: int) -> tuple[n
     out_labels = np.zeros((B, n, T), dtype=np.int64)
     out_inertia = np.zeros((B, T))
     ids, g, sq = np.arange(B), gram, np.einsum("bii->bi", gram)  # the working set: prompts still moving
-    # w = -2 v with centre c = X^T v; h = G w = -2 x_i . c; cc = v^T G v = |c|^2. The -2 is exact in floating point.
+    # w = -2 v with centre c = X^T v; h = G w = -2 x_i.c; cc = v^T G v = |c|^2. Scaling by -2 is exact.
     w = -2.0 * (np.arange(n)[None, :, None, None] == centres[:, None, :, :])  # (B, n, T, k)
     h = -2.0 * np.take_along_axis(g, centres.reshape(B, 1, T * k), axis=2).reshape(
         B, n, T, k

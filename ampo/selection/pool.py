@@ -1,4 +1,4 @@
-"""What every selector shares: the Selection record, pool checks, distances, Opt-Select weights, seeded uniforms."""
+"""What every selector shares: the Selection record, pool checks, distances, Opt-Select weights, uniforms."""
 
 from __future__ import annotations
 
@@ -37,12 +37,12 @@ def count_skipped(selections: list[Selection]) -> int:
     return sum(s.skipped_reason is not None for s in selections)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # checks: a bad pool is a ValueError that names the bad value and what is allowed
 
 
 def check_k(k, n: int | None = None, *, where: str = "") -> int:
-    """k must be an int >= 1; with n given (AMPO methods, random), also k <= n - 1: one response is the positive."""
+    """k must be an int >= 1; with n given (AMPO methods, random), also k <= n - 1 (one is the positive)."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise ValueError(f"k={k!r} must be an int >= 1")  # noqa: TRY004 - bad input is a ValueError here
     if k < 1:
@@ -109,7 +109,7 @@ def check_seeds(seed, n_prompts: int) -> np.ndarray:
     return s.astype(np.uint64)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # numerics shared by the per-prompt and the batched paths
 
 
@@ -126,7 +126,7 @@ def bottom_order(rewards: np.ndarray, top: np.ndarray) -> np.ndarray:
 
 
 def pairwise_distances(embeddings: np.ndarray) -> np.ndarray:
-    """Euclidean distances ||e_i - e_j||_2 in float64, exactly symmetric, zero diagonal. (..., N, d) -> (..., N, N).
+    """Euclidean distances ||e_i - e_j||_2, float64, exactly symmetric. (..., N, d) -> (..., N, N).
 
     Gram form sqrt(|a|^2 + |b|^2 - 2 a.b): a 2-D input goes through the same stacked matmul as a batch, so a
     prompt's distances are bitwise the same alone or inside a batch.
@@ -147,8 +147,8 @@ def pairwise_distances(embeddings: np.ndarray) -> np.ndarray:
 def optselect_weights(rewards: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Opt-Select weights w_i = exp((r_bar - r_i) / T), rescaled so the largest is 1. (..., N) -> (..., N).
 
-    exp((r_min - r_i) / T) = exp((r_bar - r_i) / T) / exp((r_bar - r_min) / T): a global rescaling, which leaves
-    the k-medoids argmin unchanged (spec 3.3.3) and cannot overflow. So r_bar (spec A4) drops out.
+    exp((r_min - r_i) / T) = exp((r_bar - r_i) / T) / exp((r_bar - r_min) / T): a global rescaling, which
+    leaves the k-medoids argmin unchanged (spec 3.3.3) and cannot overflow. So r_bar (spec A4) drops out.
     """
     return np.exp((rewards.min(axis=-1, keepdims=True) - rewards) / temperature)
 
@@ -166,10 +166,10 @@ def _mix64(z: np.ndarray) -> np.ndarray:
 
 
 def seeded_uniforms(seeds: np.ndarray, stream: int, count: int) -> np.ndarray:
-    """`count` uniforms in [0, 1) per seed, from a counter-based hash. seeds (B,) uint64 -> (B, count) float64.
+    """`count` uniforms in [0, 1) per seed from a counter-based hash. seeds (B,) uint64 -> (B, count) float64.
 
-    A hash of (seed, stream, counter) instead of one np.random.Generator per prompt: it vectorises over prompts,
-    and building 10,000 Generators would cost more than the selection itself.
+    A hash of (seed, stream, counter) instead of one np.random.Generator per prompt: it vectorises over
+    prompts, and building 10,000 Generators would cost more than the selection itself.
     """
     seeds = np.asarray(seeds, dtype=np.uint64)
     key = _mix64(seeds + np.uint64(stream * int(_STREAM) % 2**64))  # (B,)

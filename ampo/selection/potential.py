@@ -1,9 +1,9 @@
-"""Alignment potential M_AP (Huang et al. 2025, spec 4.1): rank preference pairs by how far the model's implicit margin
-is from the reward model's explicit margin, and keep the top fraction.
+"""Alignment potential M_AP (Huang et al. 2025, spec 4.1): rank preference pairs by how far the model's
+implicit margin is from the reward model's explicit margin, and keep the top fraction.
 
-Follows the official code (Hesse73/Alignment-Potential-Metric @ 123ece7, `get_top_score_idx`): z-scores over the
-whole candidate set with ddof=0, |implicit margin| (spec A11), no beta (A12). Margins from different sources
-(teacher-forced vs sampling log-probs, A13) must be z-scored separately: never mix them in one call.
+Follows the official code (Hesse73/Alignment-Potential-Metric @ 123ece7, `get_top_score_idx`): z-scores over
+the whole candidate set with ddof=0, |implicit margin| (spec A11), no beta (A12). Margins from different
+sources (teacher-forced vs sampling log-probs, A13) must be z-scored separately: never mix them in one call.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ def zscore(values: np.ndarray) -> np.ndarray:
 
 
 def alignment_potential(rm_margin, logp_margin_abs, *, logp_weight: float = 1.0) -> np.ndarray:
-    """M_AP = z(rm_margin) - w * z(|logp_bar_w - logp_bar_l|) (spec 4.1; "rm-logp" w=1, "rm-xlogp" any w). (n,) -> (n,).
+    """M_AP = z(rm_margin) - w * z(|logp_bar_w - logp_bar_l|) (spec 4.1). (n,), (n,) -> (n,).
+
+    The reference's metric "rm-logp" is w = 1, "rm-xlogp" any w (its CLI default 2.5).
 
     Invariant to an affine rescaling a*x+b (a > 0) of either margin, because of the z-scores.
     """
@@ -40,8 +42,8 @@ def alignment_potential(rm_margin, logp_margin_abs, *, logp_weight: float = 1.0)
 
 def top_fraction(scores, fraction: float) -> np.ndarray:
     """The int(fraction * n) highest scores, in ascending score order (last is best), like the reference's
-    `np.argsort(scores)[-K:]`. Ties keep the lower index (the reference's unstable argsort leaves them undefined,
-    spec A14). (n,) -> (K,) indices.
+    `np.argsort(scores)[-K:]`. Ties keep the lower index (the reference's unstable argsort leaves them
+    undefined, spec A14). (n,) -> (K,) indices.
     """
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim != 1 or not np.isfinite(s).all():
@@ -54,11 +56,11 @@ def top_fraction(scores, fraction: float) -> np.ndarray:
 
 
 def pair_margins(rewards, logps) -> dict[str, np.ndarray]:
-    """Best-vs-worst pair of each pool and its two margins (spec 4.2 step 5). rewards, logps (P, N) -> dict of (P,).
+    """Best-vs-worst pair of each pool and its two margins (spec 4.2 step 5). (P, N), (P, N) -> (P,) each.
 
-    chosen = argmax reward, rejected = argmin reward among the others; ties to the lowest index (the reference's
-    argsort takes the last tied maximum, spec A14). rm_margin = max - min >= 0; logp_margin_abs = |logp_c - logp_r|
-    with logps the length-normalised log-probs logp_bar.
+    chosen = argmax reward, rejected = argmin reward among the others; ties to the lowest index (the
+    reference's argsort takes the last tied maximum, spec A14). rm_margin = max - min >= 0;
+    logp_margin_abs = |logp_c - logp_r| with logps the length-normalised log-probs logp_bar.
     """
     r = np.asarray(rewards, dtype=np.float64)
     lp = np.asarray(logps, dtype=np.float64)

@@ -1,4 +1,4 @@
-"""SELECTORS (method name -> per-prompt function), their options, and `select`, the checked per-prompt entry point."""
+"""SELECTORS (method name -> per-prompt function), their options, and `select`, the checked entry point."""
 
 from __future__ import annotations
 
@@ -64,8 +64,8 @@ def check_method(method: str, options: dict) -> None:
 def select(method: str, rewards, embeddings, k: int, *, seed: int = 0, **options) -> Selection:
     """Select one prompt's chosen and rejected responses. rewards (N,), embeddings (N, d) -> Selection.
 
-    method: a key of SELECTORS. k: negatives for the AMPO methods and random (1 <= k <= N-1); the other methods
-    check k >= 1 and ignore it. seed: an int in [0, 2**64) (coreset's k-means++ and random).
+    method: a key of SELECTORS. k: negatives for the AMPO methods and random (1 <= k <= N-1); the other
+    methods check k >= 1 and ignore it. seed: an int in [0, 2**64) (coreset's k-means++ and random).
     """
     check_method(method, options)
     r = check_rewards(rewards)
