@@ -58,7 +58,9 @@ def batch_random(rewards, embeddings, k, *, seeds) -> list[Selection]:
 def batch_extremes(rewards, embeddings, k, *, seeds) -> list[Selection]:
     """select_extremes for B pools. rewards (B, N)."""
     top = top_index(rewards)
-    worst = bottom_order(rewards, top)[:, 0]
+    others = rewards.copy()
+    others[np.arange(len(top)), top] = np.inf
+    worst = others.argmin(axis=1)  # first minimum: ties to the lower index
     return [Selection("extremes", [t], [w]) for t, w in zip(top.tolist(), worst.tolist())]
 
 
