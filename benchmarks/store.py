@@ -23,13 +23,13 @@ from pathlib import Path
 
 os.environ.setdefault("LANCE_LOG", "error")
 
-import lancedb  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
+import lancedb
+import numpy as np
+import pyarrow as pa
 
-from ampo.schema import make_candidate_model  # noqa: E402
-from ampo.store import Store  # noqa: E402
-from ampo.store.rows import to_table, vectors_to_arrow  # noqa: E402
+from ampo.schema import make_candidate_model
+from ampo.store import Store
+from ampo.store.rows import to_table, vectors_to_arrow
 
 RUN = "bench"
 

@@ -63,7 +63,10 @@ def _cast(values, field: pa.Field, n: int) -> pa.Array | pa.ChunkedArray:
         raise ValueError(f"column {field.name!r} has {len(array)} values, 'id' has {n}")
     if not field.nullable and array.null_count:
         raise ValueError(f"column {field.name!r} has {array.null_count} null value(s) but is required")
-    if pa.types.is_fixed_size_list(field.type) and not pc.all(pc.is_finite(pc.list_flatten(array))).as_py():
+    if (
+        pa.types.is_fixed_size_list(field.type)
+        and not pc.all(pc.is_finite(pc.list_flatten(array)), min_count=0).as_py()
+    ):
         raise ValueError(f"column {field.name!r} has non-finite values (NaN or inf)")
     return array
 
