@@ -1,8 +1,254 @@
-"""The `ampo` command line."""
+"""The `ampo` command line: run rounds, run single stages, inspect and audit runs, manage the champion."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="ampo: iterative self-play preference optimization.")
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "infra" / "configs" / "demo.yaml"
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="ampo: iterative self-play preference optimization (AMPO selection, group losses, gates).")
+audit_app = typer.Typer(no_args_is_help=True, help="Query the store: pools, selected groups, neighbours, export.")
+models_app = typer.Typer(no_args_is_help=True, help="Prepare the built-in policies (offline, cached).")
+app.add_typer(audit_app, name="audit")
+app.add_typer(models_app, name="models")
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="run config YAML (see infra/configs/)")]
+RunOpt = Annotated[str, typer.Option("--run", "-r", help="run id: letters, digits, '_', '.', '-'")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a config value: key.path=value (YAML)")]
+
+
+def _config(path: Path, overrides: list[str] | None):
+    import yaml
+
+    from ampo.config import load_config
+
+    pairs = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key.path=value")
+        key, value = item.split("=", 1)
+        pairs[key.strip()] = yaml.safe_load(value)
+    return load_config(path, pairs)
+
+
+def _prefect_env() -> None:
+    """Defaults that let flows run on Prefect's temporary local server with no setup (the embedded default)."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "ampo")
+    os.environ.setdefault("LANCE_LOG", "error")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+
+
+def _offline_env() -> None:
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(name, "1")
+
+
+@app.command()
+def demo(
+    run: RunOpt = "demo",
+    config: ConfigOpt = DEMO_CONFIG,
+    overrides: SetOpt = None,
+) -> None:
+    """One full self-play round with SmolLM2-135M-Instruct on CPU, fully offline, under Prefect's embedded server."""
+    _offline_env()
+    _prefect_env()
+    cfg = _config(config, overrides)
+    from flows.self_play import self_play_round
+
+    result = self_play_round(cfg, run)
+    _print_round_table(cfg, run, result["round"], config)
+
+
+@app.command("round")
+def round_(
+    config: ConfigOpt, run: RunOpt, round_: Annotated[int | None, typer.Option("--round", help="default: next")] = None,
+    wait: Annotated[float, typer.Option(help="seconds to wait for another process holding the run")] = 0.0,
+    overrides: SetOpt = None,
+) -> None:
+    """Run (or resume) one round as a Prefect flow run."""
+    _prefect_env()
+    cfg = _config(config, overrides)
+    from flows.self_play import self_play_round
+
+    result = self_play_round(cfg, run, round_, wait)
+    _print_round_table(cfg, run, result["round"], config)
+
+
+@app.command("run")
+def run_rounds(
+    config: ConfigOpt, run: RunOpt, rounds: Annotated[int, typer.Option(help="rounds to run")] = 1,
+    wait: Annotated[float, typer.Option(help="seconds to wait for another process holding the run")] = 0.0,
+    overrides: SetOpt = None,
+) -> None:
+    """Run N more rounds of a run as a Prefect flow run, each from the current champion."""
+    _prefect_env()
+    cfg = _config(config, overrides)
+    from flows.self_play import self_play
+
+    for result in self_play(cfg, run, rounds, wait):
+        _print_round_table(cfg, run, result["round"], config)
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help="generate, score, embed, select, reflogps, train, evaluate, promote")],
+    config: ConfigOpt, run: RunOpt, round_: Annotated[int, typer.Option("--round")],
+    force: Annotated[bool, typer.Option(help="run again even if the stage finished")] = False,
+    overrides: SetOpt = None,
+) -> None:
+    """Run one stage of one round in this process (no Prefect), then exit."""
+    from ampo.progress import terminal_progress
+    from ampo.stages import run_stage
+
+    cfg = _config(config, overrides)
+    progress = terminal_progress()
+    record = run_stage(name, cfg, run, round_, force=force, progress=progress)
+    if progress is not None:
+        progress.close()
+    state = "already done (skipped)" if record["skipped"] else f"done in {record['seconds']:.1f}s"
+    typer.echo(f"{name} r{round_}: {state} {json.dumps(record['counts'])}")
+
+
+@app.command()
+def status(config: ConfigOpt, run: Annotated[str | None, typer.Option("--run", "-r")] = None) -> None:
+    """Runs, rounds, their stages and each run's champion."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ampo.audit import runs_overview
+    from ampo.stages.context import open_store
+
+    rows = [r for r in runs_overview(open_store(_config(config, None))) if run is None or r["run"] == run]
+    if not rows:
+        typer.echo("no rounds recorded yet" + (f" for run {run!r}" if run else ""))
+        return
+    table = Table("run", "round", "stages done", "not done", "seconds", "gate", "champion")
+    for r in rows:
+        table.add_row(r["run"], str(r["round"]), str(len(r["done"])), " ".join(r["pending"]) or "-",
+                      f"{r['seconds']:.0f}", r["gate"] or "-", r["champion"] or "-")
+    Console().print(table)
+
+
+@app.command()
+def promote(config: ConfigOpt, run: RunOpt, checkpoint: Annotated[str, typer.Option(help="checkpoint id")]) -> None:
+    """Make a checkpoint the run's champion by hand (bypasses the gates; recorded in the registry)."""
+    _set_champion(config, run, checkpoint, "promoted")
+
+
+@app.command()
+def rollback(config: ConfigOpt, run: RunOpt, to: Annotated[str, typer.Option(help="earlier checkpoint id")]) -> None:
+    """Set the run's champion back to an earlier checkpoint; the current one is retired."""
+    _set_champion(config, run, to, "rolled back to")
+
+
+def _set_champion(config: Path, run: str, checkpoint: str, verb: str) -> None:
+    from ampo.checkpoints import load_checkpoint_manifest
+    from ampo.stages.context import open_store
+
+    store = open_store(_config(config, None))
+    record = store.get_checkpoint(checkpoint)
+    if record is None or record["run"] != run:
+        known = [c["id"] for c in store.list_checkpoints(run)]
+        raise ValueError(f"checkpoint {checkpoint!r} is not in run {run!r}; known: {known}")
+    if record["round"] >= 0:
+        load_checkpoint_manifest(record["path"])  # never champion a folder without its manifest
+    store.set_champion(run, checkpoint)
+    typer.echo(f"run {run}: {verb} {checkpoint}")
+
+
+@app.command()
+def serve(
+    config: ConfigOpt, run: RunOpt,
+    cron: Annotated[str | None, typer.Option(help="schedule, e.g. '0 3 * * *'; none: trigger by hand")] = None,
+    name: Annotated[str, typer.Option(help="deployment name")] = "ampo-round",
+) -> None:
+    """Serve the round flow as a deployment on this box (flow.serve); trigger it from the UI or the CLI."""
+    _prefect_env()
+    cfg = _config(config, None)
+    from flows.self_play import self_play_round
+
+    self_play_round.serve(name=name, parameters={"config": cfg.model_dump(mode="json"), "run_id": run}, cron=cron)
+
+
+@audit_app.command("pool")
+def audit_pool(config: ConfigOpt, run: RunOpt, round_: Annotated[int, typer.Option("--round")],
+               prompt: Annotated[str, typer.Option(help="prompt id")]) -> None:
+    """One prompt's whole pool: rewards, roles, clusters, best first."""
+    from ampo.stages.context import open_store
+
+    table = open_store(_config(config, None)).prompt_pool(run, round_, prompt)
+    if table.num_rows == 0:
+        raise ValueError(f"no responses for prompt {prompt!r} in run {run!r} round {round_}")
+    _print_rows(table.to_pylist(), ["sample", "reward", "role", "cluster", "n_tokens", "response"])
+
+
+@audit_app.command("groups")
+def audit_groups(config: ConfigOpt, run: RunOpt, round_: Annotated[int, typer.Option("--round")],
+                 limit: Annotated[int, typer.Option(help="prompts to show")] = 5) -> None:
+    """The round's selected groups: chosen first, then the rejected by reward."""
+    from ampo.stages.context import open_store
+
+    groups = open_store(_config(config, None)).selected_groups(run, round_)
+    if not groups:
+        raise ValueError(f"run {run!r} round {round_} has no selected groups")
+    for prompt_id, table in list(groups.items())[:limit]:
+        typer.echo(f"\n# {prompt_id}")
+        _print_rows(table.to_pylist(), ["sample", "role", "reward", "cluster", "response"])
+    typer.echo(f"\n{len(groups)} groups in all")
+
+
+@audit_app.command("neighbours")
+def audit_neighbours(
+    config: ConfigOpt, text: Annotated[str | None, typer.Option(help="find responses near this text")] = None,
+    row: Annotated[str | None, typer.Option(help="or near this candidate id")] = None,
+    k: Annotated[int, typer.Option(help="how many")] = 5,
+) -> None:
+    """Nearest responses (by embedding) to a text or to a stored response."""
+    from ampo.stages.context import open_store
+
+    cfg = _config(config, None)
+    store = open_store(cfg)
+    if (text is None) == (row is None):
+        raise ValueError("give exactly one of --text or --row")
+    if row is not None:
+        table = store.neighbours_of_row(row, k)
+    else:
+        from ampo.embedding import SentenceTransformerEmbedder
+
+        table = store.neighbours(SentenceTransformerEmbedder(cfg.embedding).embed([text])[0], k)
+    _print_rows(table.to_pylist(), ["id", "reward", "role", "_distance", "response"])
+
+
+@audit_app.command("export")
+def audit_export(config: ConfigOpt, run: RunOpt, round_: Annotated[int, typer.Option("--round")],
+                 out: Annotated[Path, typer.Option(help="output .jsonl")]) -> None:
+    """Export the round's selected groups as JSONL in the released AMPO dataset layout."""
+    from ampo.audit import export_groups
+    from ampo.stages.context import open_store
+
+    n = export_groups(open_store(_config(config, None)), run, round_, out)
+    typer.echo(f"wrote {n} groups to {out}")
+
+
+@models_app.command("prepare")
+def models_prepare(name: Annotated[str, typer.Argument(help="smollm2-135m-instruct or tiny-llama")]) -> None:
+    """Build a built-in policy once into the cache (outside the repo) and print its folder."""
+    _offline_env()
+    from ampo.models import resolve_policy
+
+    if name not in ("smollm2-135m-instruct", "tiny-llama"):
+        raise ValueError(f"unknown built-in model {name!r}; choose from ['smollm2-135m-instruct', 'tiny-llama']")
+    typer.echo(resolve_policy(name))
 
 
 @app.command()
@@ -13,5 +259,62 @@ def version() -> None:
     typer.echo(__version__)
 
 
+def _print_rows(rows: list[dict], columns: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*columns)
+    for r in rows:
+        table.add_row(*(_cell(r.get(c)) for c in columns))
+    Console().print(table)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    text = "" if value is None else str(value)
+    return text if len(text) <= 80 else text[:77].replace("\n", " ") + "..."
+
+
+def _print_round_table(cfg, run: str, round_: int, config_path: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ampo.stages.context import open_store
+
+    store = open_store(cfg)
+    status = store.stage_status(run, round_)
+    counts = lambda s: (status.get(s) or {}).get("counts") or {}  # noqa: E731
+    metrics = (status.get("evaluate") or {}).get("metrics") or {}
+    gate = (status.get("promote") or {}).get("gate") or {}
+    table = Table("round", "prompts", "responses", "selected", "reward before", "reward after", "win rate", "gate",
+                  title=f"run {run}")
+    table.add_row(str(round_), str(counts("generate").get("prompts", "-")), str(store.count(run, round_)),
+                  str(counts("select").get("selected", "-")), _cell(metrics.get("champion/mean_reward")),
+                  _cell(metrics.get("candidate/mean_reward")), _cell(metrics.get("eval/win_rate")),
+                  "promoted" if gate.get("passed") else "rejected")
+    console = Console()
+    console.print(table)
+    for reason in gate.get("reasons", []):
+        console.print(f"  gate: {reason}")
+    c = f"--config {config_path} --run {run}"
+    console.print("\nAudit this round:")
+    for line in (f"ampo status {c}", f"ampo audit groups {c} --round {round_}",
+                 f"ampo audit export {c} --round {round_} --out selected-r{round_}.jsonl",
+                 f"report: {Path(cfg.runtime.workdir) / 'runs' / run / f'round-{round_}' / 'report' / 'summary.md'}"):
+        console.print(f"  {line}")
+
+
 def main() -> None:
-    app()
+    """Entry point: errors are one clear line on stderr and a non-zero exit."""
+    from ampo.runlock import RunLockedError
+
+    try:
+        app()
+    except (ValueError, FileNotFoundError, RunLockedError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Audit queries over the store: runs and rounds at a glance, and the export of selected groups.
+
+The export follows the released AMPO datasets (spec 3.7): prompt_id, prompt, all_generated_responses,
+all_reward_scores, A0..Ak as chat turns [{content, role}] with score_A0..score_Ak; A0 is the chosen response,
+the rejected ones follow, best reward first.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.compute as pc
+
+from ampo.store import Store
+from ampo.store import filters
+from ampo.store.tables import scan
+
+
+def runs_overview(store: Store) -> list[dict]:
+    """One row per (run, round): stages done, the failed or running stage, gate decision, champion of the run."""
+    rows = scan(store.rounds, "", ["run", "round", "stage", "status", "gate", "seconds"]).to_pylist()
+    out: dict[tuple, dict] = {}
+    for r in sorted(rows, key=lambda r: (r["run"], r["round"])):
+        item = out.setdefault((r["run"], r["round"]), {"run": r["run"], "round": r["round"], "done": [],
+                                                       "pending": [], "seconds": 0.0, "gate": None})  # fmt: skip
+        (item["done"] if r["status"] == "done" else item["pending"]).append(f"{r['stage']}" if r["status"] == "done"
+                                                                            else f"{r['stage']}:{r['status']}")
+        item["seconds"] += r["seconds"] or 0.0
+        if r["gate"]:
+            item["gate"] = "promoted" if json.loads(r["gate"])["passed"] else "rejected"
+    for item in out.values():
+        champion = store.champion(item["run"])
+        item["champion"] = champion["id"] if champion else None
+    return list(out.values())
+
+
+def export_groups(store: Store, run: str, round_: int, path: str | Path) -> int:
+    """Write the round's selected groups as JSON lines in the released AMPO layout; returns the number of groups."""
+    rows = scan(store.candidates, filters.round_is(run, round_), ["prompt_id", "sample", "prompt", "response",
+                                                                   "reward", "role"])  # fmt: skip
+    rows = rows.sort_by([("prompt_id", "ascending"), ("sample", "ascending")])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with open(path, "w") as f:
+        for prompt_id in pc.unique(rows["prompt_id"]).to_pylist():
+            pool = rows.filter(pc.equal(rows["prompt_id"], prompt_id)).to_pylist()
+            record = ampo_record(pool)
+            if record is not None:
+                f.write(json.dumps(record) + "\n")
+                n += 1
+    return n
+
+
+def ampo_record(pool: list[dict]) -> dict | None:
+    """One prompt's pool (rows with prompt, response, reward, role) as an AMPO dataset row; None if unselected."""
+    chosen = [r for r in pool if r["role"] == "chosen"]
+    rejected = sorted((r for r in pool if r["role"] == "rejected"), key=lambda r: -r["reward"])
+    if not chosen or not rejected:
+        return None
+    record = {"prompt_id": pool[0]["prompt_id"], "prompt": pool[0]["prompt"],
+              "all_generated_responses": [r["response"] for r in pool],
+              "all_reward_scores": [r["reward"] for r in pool]}  # fmt: skip
+    for i, r in enumerate(chosen + rejected):
+        record[f"A{i}"] = [{"content": r["prompt"], "role": "user"}, {"content": r["response"], "role": "assistant"}]
+        record[f"score_A{i}"] = r["reward"]
+    return record
