@@ -77,6 +77,32 @@ def test_tied_rewards_and_duplicate_responses(method, options):
     assert select_batch(method, rewards, embeddings, 3, seed=seeds, **options) == expected
 
 
+def degenerate_pools(count=40, seed=10):
+    """Pools with few distinct points: all identical, two distinct points, all but one identical, or a coarse
+    integer lattice (exact distance ties); rewards rounded to integers (many ties)."""
+    rng = np.random.default_rng(seed)
+    pools = []
+    for p in range(count):
+        n = int(rng.integers(4, 12))
+        emb = [
+            np.ones((n, 3)),
+            np.repeat(rng.standard_normal((2, 3)), [n // 2, n - n // 2], axis=0),
+            np.vstack([np.repeat(rng.standard_normal((1, 3)), n - 1, axis=0), rng.standard_normal((1, 3))]),
+            np.round(rng.standard_normal((n, 2))),
+        ][p % 4]
+        pools.append((np.round(rng.standard_normal(n)), emb, int(rng.integers(1, n))))
+    return pools
+
+
+@pytest.mark.parametrize("method, options", [c for c in CASES if c[0] in ("coreset", "optselect")])
+def test_degenerate_pools(method, options):
+    # fewer distinct points than clusters: k-means++ runs out of distinct points, clusters empty out, and
+    # Lloyd's distances tie exactly; both paths must break those ties the same way
+    for r, e, k in degenerate_pools():
+        expected = select(method, r, e, k, seed=3, **options)
+        assert select_batch(method, [r], [e], k, seed=3, **options) == [expected]
+
+
 def test_one_seed_for_every_prompt():
     rewards, embeddings = pools(12, sizes=[8], seed=3)
     for method in ("random", "coreset"):

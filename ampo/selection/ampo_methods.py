@@ -22,6 +22,9 @@ from ampo.selection.pool import (
 )
 
 SWAP_TOL = 1e-12  # a swap must lower the cost by this relative amount: stops on rounding-level "improvements"
+# k-means: squared distances within TIE_TOL * (largest squared norm) count as equal, so exact ties (duplicate
+# responses) break the same way under any rounding: here and in the Gram form of batched_kmeans.py
+TIE_TOL = 1e-9
 
 
 def candidates_of(rewards: np.ndarray) -> tuple[int, list[int]]:
@@ -46,16 +49,21 @@ def select_bottomk(rewards, embeddings, k, *, seed=0) -> Selection:
 # Coreset
 
 
-def kmeanspp(points: np.ndarray, k: int, u: np.ndarray) -> list[int]:
+def kmeanspp(points: np.ndarray, k: int, u: np.ndarray, tol: float) -> list[int]:
     """k-means++ seeding (Arthur & Vassilvitskii 2007) with the k uniforms u. points (n, d) -> k indices.
 
     The first centre is point floor(u0 * n); centre c is drawn with probability D(x)^2 by inverting the
-    cumulative sum at u_c * total. If every point already sits on a centre (fewer than k distinct points), the
-    lowest unused index is taken.
+    cumulative sum at u_c * total. D(x)^2 <= tol counts as 0 (a duplicate). If every point already sits on a
+    centre (fewer than k distinct points), the lowest unused index is taken.
     """
     n = len(points)
+
+    def sq_dist(j):
+        d2 = ((points - points[j]) ** 2).sum(axis=1)
+        return np.where(d2 <= tol, 0.0, d2)
+
     centres = [min(int(u[0] * n), n - 1)]
-    d2 = ((points - points[centres[0]]) ** 2).sum(axis=1)
+    d2 = sq_dist(centres[0])
     for c in range(1, k):
         cum = np.cumsum(d2)
         if cum[-1] > 0:
@@ -63,38 +71,39 @@ def kmeanspp(points: np.ndarray, k: int, u: np.ndarray) -> list[int]:
         else:
             j = next(i for i in range(n) if i not in centres)
         centres.append(j)
-        d2 = np.minimum(d2, ((points - points[j]) ** 2).sum(axis=1))
+        d2 = np.minimum(d2, sq_dist(j))
     return centres
 
 
-def lloyd(points: np.ndarray, centres: np.ndarray, max_iter: int) -> tuple[np.ndarray, float]:
+def lloyd(points: np.ndarray, centres: np.ndarray, max_iter: int, tol: float) -> tuple[np.ndarray, float]:
     """Lloyd's iterations until no label changes. points (n, d), centres (k, d) -> labels (n,), inertia.
 
-    Ties go to the lower centre index; an empty cluster keeps its previous centre.
+    A point joins the lowest-index centre within tol of its nearest; an empty cluster keeps its centre.
     """
     centres = centres.copy()
     labels = None
     for _ in range(max_iter):
         d2 = ((points[:, None, :] - centres[None, :, :]) ** 2).sum(axis=-1)  # (n, k)
-        new = d2.argmin(axis=1)
+        new = (d2 <= d2.min(axis=1, keepdims=True) + tol).argmax(axis=1)
         if labels is not None and (new == labels).all():
             break
         labels = new
         for c in range(len(centres)):
             if (labels == c).any():
                 centres[c] = points[labels == c].mean(axis=0)
-    return labels, float(d2.min(axis=1).sum())
+    return labels, float(d2[np.arange(len(points)), labels].sum())
 
 
 def kmeans(points: np.ndarray, k: int, *, seed: int, n_init: int, max_iter: int) -> np.ndarray:
-    """Euclidean k-means: n_init k-means++ starts, lowest inertia wins (first on ties). (n, d) -> (n,)."""
+    """Euclidean k-means: n_init k-means++ starts, lowest inertia wins (first within n * tol). (n, d) -> (n,)
+
+    tol = TIE_TOL * the largest squared norm: the scale below which squared distances count as equal.
+    """
+    tol = TIE_TOL * (points**2).sum(axis=1).max()
     u = seeded_uniforms(np.array([seed], dtype=np.uint64), STREAM_KMEANS, n_init * k).reshape(n_init, k)
-    best_labels, best_inertia = None, np.inf
-    for t in range(n_init):
-        labels, inertia = lloyd(points, points[kmeanspp(points, k, u[t])], max_iter)
-        if inertia < best_inertia:
-            best_labels, best_inertia = labels, inertia
-    return best_labels
+    runs = [lloyd(points, points[kmeanspp(points, k, u[t], tol)], max_iter, tol) for t in range(n_init)]
+    inertia = np.array([run[1] for run in runs])
+    return runs[int(np.argmax(inertia <= inertia.min() + len(points) * tol))][0]
 
 
 def first_appearance_ids(labels: list[int]) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ampo.selection.ampo_methods import TIE_TOL
 from ampo.selection.pool import STREAM_KMEANS, seeded_uniforms
 
 
@@ -20,13 +21,11 @@ def gram_matrix(points: np.ndarray) -> np.ndarray:
     return 0.5 * (gram + gram.transpose(0, 2, 1))
 
 
-def sq_distances(gram: np.ndarray) -> np.ndarray:
-    """Squared distances |x_i|^2 + |x_j|^2 - 2 x_i.x_j, clipped at 0, zero diagonal. (B, n, n) -> same."""
+def sq_distances(gram: np.ndarray, tol: np.ndarray) -> np.ndarray:
+    """Squared distances |x_i|^2 + |x_j|^2 - 2 x_i.x_j, those <= tol (B,) set to 0. (B, n, n) -> (B, n, n)."""
     sq = np.einsum("bii->bi", gram)
-    d2 = np.maximum(sq[:, :, None] + sq[:, None, :] - 2.0 * gram, 0.0)
-    idx = np.arange(d2.shape[-1])
-    d2[:, idx, idx] = 0.0
-    return d2
+    d2 = sq[:, :, None] + sq[:, None, :] - 2.0 * gram
+    return np.where(d2 <= tol[:, None, None], 0.0, d2)
 
 
 def batch_kmeanspp(d2: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -50,10 +49,10 @@ def batch_kmeanspp(d2: np.ndarray, u: np.ndarray) -> np.ndarray:
     return centres
 
 
-def batch_lloyd(gram: np.ndarray, centres: np.ndarray, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
+def batch_lloyd(gram, centres, max_iter: int, tol) -> tuple[np.ndarray, np.ndarray]:
     """Lloyd's iterations for every (prompt, start) until no label changes. gram (B, n, n), centres (B, T, k)
-    point indices -> labels (B, T, n), inertia (B, T). Ties go to the lower centre; an empty cluster keeps its
-    centre.
+    point indices, tol (B,) -> labels (B, T, n), inertia (B, T). A point joins the lowest-index centre within
+    tol of its nearest; an empty cluster keeps its centre.
 
     A converged start recomputes the same centres, so a prompt iterates until all its starts have converged;
     prompts whose starts have all converged leave the working set.
@@ -63,6 +62,7 @@ def batch_lloyd(gram: np.ndarray, centres: np.ndarray, max_iter: int) -> tuple[n
     out_labels = np.zeros((B, n, T), dtype=np.int64)
     out_inertia = np.zeros((B, T))
     ids, g, sq = np.arange(B), gram, np.einsum("bii->bi", gram)  # the working set: prompts still moving
+    tol = tol[:, None, None, None]
     # w = -2 v with centre c = X^T v; h = G w = -2 x_i.c; cc = v^T G v = |c|^2. Scaling by -2 is exact.
     w = -2.0 * (np.arange(n)[None, :, None, None] == centres[:, None, :, :])  # (B, n, T, k)
     h = -2.0 * np.take_along_axis(g, centres.reshape(B, 1, T * k), axis=2).reshape(
@@ -72,7 +72,7 @@ def batch_lloyd(gram: np.ndarray, centres: np.ndarray, max_iter: int) -> tuple[n
     labels, done = np.zeros((B, n, T), dtype=np.int64), np.zeros((B, T), dtype=bool)
     for it in range(max_iter):
         score = cc[:, None] + h  # (a, n, T, k): |x_i - c|^2 - |x_i|^2
-        new = score.argmin(axis=-1)  # (a, n, T)
+        new = (score <= score.min(axis=-1, keepdims=True) + tol).argmax(axis=-1)  # (a, n, T)
         moving = ~done
         converged = moving & (new == labels).all(axis=1) if it > 0 else np.zeros_like(done)
         inertia = (np.take_along_axis(score, new[..., None], axis=-1)[..., 0] + sq[:, :, None]).sum(axis=1)
@@ -83,7 +83,8 @@ def batch_lloyd(gram: np.ndarray, centres: np.ndarray, max_iter: int) -> tuple[n
         if not keep.any():
             break
         if not keep.all():
-            ids, g, sq, w, new, done = ids[keep], g[keep], sq[keep], w[keep], new[keep], done[keep]
+            ids, g, sq, w, tol = ids[keep], g[keep], sq[keep], w[keep], tol[keep]
+            new, done = new[keep], done[keep]
         labels = new
         onehot = new[..., None] == np.arange(k)  # (a, n, T, k)
         counts = onehot.sum(axis=1)  # (a, T, k)
@@ -95,12 +96,16 @@ def batch_lloyd(gram: np.ndarray, centres: np.ndarray, max_iter: int) -> tuple[n
 
 
 def batch_kmeans(gram: np.ndarray, k: int, seeds: np.ndarray, *, n_init: int, max_iter: int) -> np.ndarray:
-    """Euclidean k-means with n_init k-means++ starts, lowest inertia wins (first on ties).
-    gram (B, n, n) of the points, seeds (B,) -> labels (B, n)."""
-    B = len(gram)
+    """Euclidean k-means, n_init k-means++ starts, lowest inertia wins (the first within n * tol of it).
+
+    gram (B, n, n) of the points, seeds (B,) -> labels (B, n).
+    """
+    B, n, _ = gram.shape
+    tol = TIE_TOL * np.einsum("bii->bi", gram).max(axis=1)  # (B,)
     u = seeded_uniforms(seeds, STREAM_KMEANS, n_init * k).reshape(B, n_init, k)
-    labels, inertia = batch_lloyd(gram, batch_kmeanspp(sq_distances(gram), u), max_iter)
-    return labels[np.arange(B), inertia.argmin(axis=1)]
+    labels, inertia = batch_lloyd(gram, batch_kmeanspp(sq_distances(gram, tol), u), max_iter, tol)
+    best = (inertia <= inertia.min(axis=1, keepdims=True) + n * tol[:, None]).argmax(axis=1)
+    return labels[np.arange(B), best]
 
 
 def first_appearance(labels: np.ndarray, k: int) -> np.ndarray:
