@@ -49,6 +49,15 @@ def batch_kmeanspp(d2: np.ndarray, u: np.ndarray) -> np.ndarray:
     return centres
 
 
+def mean_weights(labels: np.ndarray, k: int, previous: np.ndarray) -> np.ndarray:
+    """-2 v of each cluster's mean, c = X^T v with v = one-hot / count; an empty cluster keeps `previous`.
+    labels (a, n, T) -> (a, n, T, k)."""
+    onehot = labels[..., None] == np.arange(k)
+    counts = onehot.sum(axis=1)  # (a, T, k)
+    means = onehot * (-2.0 / np.maximum(counts, 1))[:, None]
+    return np.where(counts[:, None] > 0, means, previous) if (counts == 0).any() else means
+
+
 def batch_lloyd(gram, centres, max_iter: int, tol) -> tuple[np.ndarray, np.ndarray]:
     """Lloyd's iterations for every (prompt, start) until no label changes. gram (B, n, n), centres (B, T, k)
     point indices, tol (B,) -> labels (B, T, n), inertia (B, T). A point joins the lowest-index centre within
@@ -65,9 +74,7 @@ def batch_lloyd(gram, centres, max_iter: int, tol) -> tuple[np.ndarray, np.ndarr
     tol = tol[:, None, None, None]
     # w = -2 v with centre c = X^T v; h = G w = -2 x_i.c; cc = v^T G v = |c|^2. Scaling by -2 is exact.
     w = -2.0 * (np.arange(n)[None, :, None, None] == centres[:, None, :, :])  # (B, n, T, k)
-    h = -2.0 * np.take_along_axis(g, centres.reshape(B, 1, T * k), axis=2).reshape(
-        B, n, T, k
-    )  # centres are points
+    h = -2.0 * np.take_along_axis(g, centres.reshape(B, 1, T * k), axis=2).reshape(B, n, T, k)  # on points
     cc = np.take_along_axis(sq, centres.reshape(B, T * k), axis=1).reshape(B, T, k)
     labels, done = np.zeros((B, n, T), dtype=np.int64), np.zeros((B, T), dtype=bool)
     for it in range(max_iter):
@@ -85,11 +92,7 @@ def batch_lloyd(gram, centres, max_iter: int, tol) -> tuple[np.ndarray, np.ndarr
         if not keep.all():
             ids, g, sq, w, tol = ids[keep], g[keep], sq[keep], w[keep], tol[keep]
             new, done = new[keep], done[keep]
-        labels = new
-        onehot = new[..., None] == np.arange(k)  # (a, n, T, k)
-        counts = onehot.sum(axis=1)  # (a, T, k)
-        means = onehot * (-2.0 / np.maximum(counts, 1))[:, None]
-        w = np.where(counts[:, None] > 0, means, w) if (counts == 0).any() else means
+        labels, w = new, mean_weights(new, k, w)
         h = (g @ w.reshape(len(ids), n, T * k)).reshape(w.shape)
         cc = 0.25 * np.einsum("bntk,bntk->btk", w, h)
     return out_labels.transpose(0, 2, 1), out_inertia
