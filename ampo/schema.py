@@ -36,7 +36,6 @@ STAGES = (
     "promote",
 )  # a round, in order
 ROLES = ("chosen", "rejected", "")
-STAGE_STATUSES = ("running", "done", "failed")
 CHECKPOINT_STATUSES = ("candidate", "champion", "rejected", "retired")
 
 

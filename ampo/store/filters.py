@@ -8,12 +8,11 @@ Constant fragments such as "reward IS NOT NULL" are written here, never taken fr
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 
 from lancedb.expr import col, lit
 
 from ampo.config import validate_run_id
-from ampo.schema import check_int, check_prompt_id, check_round
+from ampo.schema import check_prompt_id, check_round
 
 ID_PATTERN = (
     r"^[\x21-\x7e]{1,512}$"  # row and checkpoint ids: printable ASCII, no spaces or control characters
@@ -41,19 +40,6 @@ def selected_is(selected: bool) -> str:
 
 def id_is(row_id: str) -> str:
     return (col("id") == lit(check_id(row_id))).to_sql()
-
-
-def ids_in(ids: Iterable[str]) -> str:
-    return col("id").isin([lit(check_id(i)) for i in ids]).to_sql()
-
-
-def column_is(column: str, value: str | int | bool) -> str:
-    """`column = value` for a schema column name (checked by the caller) and a str / int / bool value."""
-    if isinstance(value, bool):
-        return (col(column) == lit(value)).to_sql()
-    if isinstance(value, str):
-        return (col(column) == lit(check_id(value))).to_sql()
-    return (col(column) == lit(check_int(value, column, minimum=-(2**63)))).to_sql()
 
 
 def all_of(*parts: str | None) -> str:

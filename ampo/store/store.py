@@ -207,7 +207,7 @@ class Store(CandidatesView):
     def optimize(self, *, index_min_rows: int = INDEX_MIN_ROWS) -> list[str]:
         """Compact small files, update indexes, and index id / run / round once the table has index_min_rows.
 
-        Returns the names of indexes created now. Never prunes versions (tags keep old rounds readable).
+        Returns the columns indexed by this call. Never prunes versions (tags keep old rounds readable).
         """
         created = []
         if self.candidates.count_rows() >= index_min_rows:
