@@ -1,0 +1,138 @@
+"""The round stages on the tiny model, in-process: a whole round, idempotency, ordering, bad input, kill + resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+
+from ampo.config import load_config
+from ampo.stages import STAGES, next_round, run_stage
+from ampo.stages.context import open_store
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "infra" / "configs" / "smoke.yaml"
+
+
+def smoke_config(tmp_path, **overrides):
+    base = {"store.uri": str(tmp_path / "store"), "runtime.workdir": str(tmp_path / "work")}
+    return load_config(SMOKE, {**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def finished_round(tmp_path_factory):
+    """Round 0 of run 'r' on the smoke config, every stage run once in this process."""
+    tmp = tmp_path_factory.mktemp("round")
+    cfg = smoke_config(tmp)
+    records = {name: run_stage(name, cfg, "r", 0) for name in STAGES}
+    return cfg, records
+
+
+def test_a_round_fills_the_store_and_the_registry(finished_round):
+    cfg, records = finished_round
+    store = open_store(cfg)
+    n_prompts, n = cfg.prompts.per_round, cfg.generation.n
+    assert store.count("r", 0) == n_prompts * n  # 6 prompts x 6 samples
+    rows = store.read_rows("r", 0, ["id", "reward", "vector", "role", "ref_logp_sum", "selected", "policy"])
+    assert rows["reward"].null_count == 0 and rows["vector"].null_count == 0
+    roles = rows["role"].to_pylist()
+    # coreset, k=3: one chosen + 3 rejected per prompt
+    assert roles.count("chosen") == n_prompts and roles.count("rejected") == 3 * n_prompts
+    selected = rows.filter(rows["selected"])
+    assert selected["ref_logp_sum"].null_count == 0 and pc.all(pc.less(selected["ref_logp_sum"], 0)).as_py()
+    assert set(rows["policy"].to_pylist()) == {"r-init"}
+    champions = [c for c in store.list_checkpoints("r") if c["status"] == "champion"]
+    assert len(champions) == 1
+    assert records["promote"]["gate"]["passed"] == (champions[0]["id"] == "r-r0")
+    assert "r-r0" in store.candidates.tags.list()
+    assert next_round(cfg, "r") == 1
+    report = Path(cfg.runtime.workdir) / "runs" / "r" / "round-0"
+    assert (report / "start.json").is_file() and (report / "eval-candidate.json").is_file()
+
+
+def test_finished_stages_are_skipped_and_forced_reruns_change_nothing(finished_round):
+    cfg, _ = finished_round
+    store = open_store(cfg)
+    assert run_stage("generate", cfg, "r", 0)["skipped"] is True
+    before = store.read_rows("r", 0, ["id", "response", "reward", "role"])
+    for name in ("generate", "score", "select"):
+        record = run_stage(name, cfg, "r", 0, force=True)
+        assert record["skipped"] is False
+    after = store.read_rows("r", 0, ["id", "response", "reward", "role"])
+    assert after.equals(before)  # same ids, texts, rewards and roles: upserts, not appends
+    assert store.stage_status("r", 0)["generate"]["attempts"] == 2
+
+
+def test_a_stage_refuses_to_run_before_its_predecessors(tmp_path):
+    cfg = smoke_config(tmp_path)
+    with pytest.raises(ValueError, match=r"stage 'select' of run 'x' round 0 needs \['generate', 'score', 'embed'\]"):
+        run_stage("select", cfg, "x", 0)
+    with pytest.raises(ValueError, match="unknown stage 'sample'"):
+        run_stage("sample", cfg, "x", 0)
+    with pytest.raises(ValueError, match="run id 'a b' must match"):
+        run_stage("generate", cfg, "a b", 0)
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_bad_prompts_fail_before_sampling_with_the_prompt_named(tmp_path):
+    empty = _jsonl(tmp_path / "empty.jsonl", [{"prompt_id": "p1", "prompt": "  "}])
+    cfg = smoke_config(tmp_path, **{"prompts.source": "jsonl", "prompts.path": empty, "prompts.per_round": 1})
+    with pytest.raises(ValueError, match="p1"):
+        run_stage("generate", cfg, "bad", 0)
+    unknown = _jsonl(tmp_path / "unknown.jsonl", [{"prompt_id": "p2", "prompt": "Write a poem.",
+                                                   "instruction_id_list": ["made:up"], "kwargs": [{}]}])
+    cfg = smoke_config(tmp_path, **{"prompts.source": "jsonl", "prompts.path": unknown, "prompts.per_round": 1})
+    with pytest.raises(ValueError, match="made:up"):
+        run_stage("generate", cfg, "bad2", 0)
+    assert open_store(cfg).count("bad2", 0) == 0  # nothing sampled for a prompt that cannot be scored
+    assert open_store(cfg).stage_status("bad2", 0)["generate"]["status"] == "failed"
+
+
+def test_a_nan_reward_is_an_error_naming_the_prompt_or_a_counted_drop(tmp_path):
+    component = {"kind": "python", "function": "stage_rewards:nan_for_every_other"}
+    cfg = smoke_config(tmp_path, **{"reward.components": [component], "prompts.per_round": 2})
+    run_stage("generate", cfg, "nan", 0)
+    with pytest.raises(ValueError, match="non-finite"):
+        run_stage("score", cfg, "nan", 0)
+    dropping = smoke_config(tmp_path, **{"reward.components": [component], "prompts.per_round": 2,
+                                         "reward.on_nonfinite": "drop"})
+    record = run_stage("score", dropping, "nan", 0)
+    total = 2 * dropping.generation.n
+    assert record["counts"]["dropped"] == total // 2 and record["counts"]["scored"] == total // 2
+    rows = open_store(dropping).read_rows("nan", 0, ["reward", "dropped_reason"])
+    assert rows["reward"].null_count == total // 2 == rows.num_rows - rows["dropped_reason"].null_count
+    run_stage("embed", dropping, "nan", 0)
+    # 3 usable responses per prompt but coreset needs k+1 = 4: a clear error naming the pool, not a silent skip
+    with pytest.raises(ValueError, match="k=3"):
+        run_stage("select", dropping, "nan", 0)
+
+
+def test_a_killed_generate_stage_resumes_without_duplicates(tmp_path):
+    cfg = smoke_config(tmp_path, **{"prompts.per_round": 40, "generation.batch_size": 4})
+    config = tmp_path / "cfg.json"
+    config.write_text(cfg.model_dump_json())
+    cmd = [sys.executable, "-m", "ampo.cli", "stage", "generate", "-c", str(config), "-r", "k", "--round", "0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    store = open_store(cfg)
+    deadline = time.monotonic() + 240
+    while store.count("k", 0) == 0 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    partial = store.count("k", 0)
+    assert 0 < partial < 40 * cfg.generation.n, "kill the stage between its first and last batch"
+    assert store.stage_status("k", 0)["generate"]["status"] == "running"
+    record = run_stage("generate", cfg, "k", 0)
+    assert record["counts"]["prompts_already_done"] == partial // cfg.generation.n
+    ids = store.read_rows("k", 0, ["id"])["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 40 * cfg.generation.n
