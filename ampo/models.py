@@ -38,8 +38,12 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-TINY_VERSION = 1  # bump when build_tiny_llama changes: cached folders are keyed by it
-TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2: pad/unk, bos, eos (as SmolLM2)
+TINY_VERSION = 2  # bump when build_tiny_llama changes: cached folders are keyed by it
+TINY_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+]  # ids 0, 1, 2: pad/unk, bos, eos (as SmolLM2)
 
 
 def default_cache_dir() -> Path:
@@ -135,7 +139,9 @@ def _convert_smollm2(out: Path) -> dict:
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.load_state_dict(quantized.state_dict())
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     model.save_pretrained(out, safe_serialization=True)
     if not tokenizer.chat_template:  # the GGUF normally carries SmolLM2's ChatML template
@@ -147,9 +153,25 @@ def _convert_smollm2(out: Path) -> dict:
 
 # ---------------------------------------------------------------- tiny random Llama for tests and smoke runs
 
-_SUBJECTS = ["the cat", "a robot", "my friend", "the river", "an old map", "the teacher", "a small bird", "the city"]
+_SUBJECTS = [
+    "the cat",
+    "a robot",
+    "my friend",
+    "the river",
+    "an old map",
+    "the teacher",
+    "a small bird",
+    "the city",
+]
 _VERBS = ["finds", "paints", "explains", "follows", "remembers", "builds", "answers", "visits"]
-_OBJECTS = ["a quiet garden", "the answer", "three red boxes", "the long road", "a short poem", "the night sky"]
+_OBJECTS = [
+    "a quiet garden",
+    "the answer",
+    "three red boxes",
+    "the long road",
+    "a short poem",
+    "the night sky",
+]
 _ENDINGS = [".", " today.", " again!", " with care.", "?"]
 _INSTRUCTIONS = [
     "Write a short poem about the sea.",
@@ -205,19 +227,22 @@ def build_tiny_llama(
     hidden_size: int = 64,
     layers: int = 2,
     heads: int = 2,
-    eos_logit: float = 3.5,
+    eos_logit: float = 7.5,
 ) -> Path:
     """Write a tiny random Llama with its own tokenizer to `path` (HF layout, fp32 safetensors); returns `path`.
 
     Weights come from a torch.Generator seeded with `seed`, so a seed gives the same weight bytes on any machine.
-    Random weights give near-uniform next-token distributions, so responses would almost never end: hidden unit 0
-    carries a constant feature and the EOS row of the output head reads it, adding about `eos_logit` to EOS
-    (3.5 with 512 tokens: P(EOS) ~ e^3.5 / (e^3.5 + 511) ~ 6% per token, measured 4-9%; ~16-token responses).
+    The output head is scaled so next-token logits have std ~3 (entropy ~3 nats, not uniform). Random weights
+    would almost never pick EOS, so hidden unit 0 carries a constant feature that the EOS row of the head reads,
+    adding `eos_logit` to EOS: with 7.5, P(EOS) averages ~6% per token (measured 0.3-26% by context), so sampled
+    responses run ~16 tokens and greedy ones stop too (EOS is the argmax at ~9% of positions).
     """
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     if hidden_size % heads or hidden_size // heads < 32:
-        raise ValueError(f"hidden_size/heads={hidden_size}/{heads} must be a whole head_dim >= 32 (vLLM CPU attention)")
+        raise ValueError(
+            f"hidden_size/heads={hidden_size}/{heads} must be a whole head_dim >= 32 (vLLM CPU attention)"
+        )
     path = Path(path)
     tokenizer = build_tiny_tokenizer(vocab_size)
     config = LlamaConfig(
@@ -238,7 +263,9 @@ def build_tiny_llama(
     model = LlamaForCausalLM(config)
     _init_tiny_weights(model, seed, tokenizer.eos_token_id, eos_logit)
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
@@ -246,8 +273,11 @@ def build_tiny_llama(
 
 
 @torch.no_grad()
-def _init_tiny_weights(model: torch.nn.Module, seed: int, eos_id: int, eos_logit: float, std: float = 0.02) -> None:
-    """N(0, std) weights in name order from one seeded generator, norms at 1, then the constant EOS feature.
+def _init_tiny_weights(
+    model: torch.nn.Module, seed: int, eos_id: int, eos_logit: float, std: float = 0.02, head_std: float = 0.3
+) -> None:
+    """N(0, std) weights (the head: N(0, head_std)) in name order from one seeded generator, norms at 1, then the
+    constant EOS feature.
 
     Hidden unit 0 is 1.0 in every token embedding; no layer reads it (its input-norm weights are 0) or writes it
     (row 0 of o_proj and down_proj is 0). It dominates the final RMSNorm, where it reads ~ 1 / rms(x) ~ sqrt(H)
@@ -259,7 +289,8 @@ def _init_tiny_weights(model: torch.nn.Module, seed: int, eos_id: int, eos_logit
         if name.endswith("norm.weight"):
             param.fill_(1.0)
         else:
-            param.copy_(torch.randn(param.shape, generator=generator) * std)
+            scale = head_std if param is model.get_output_embeddings().weight else std
+            param.copy_(torch.randn(param.shape, generator=generator) * scale)
     for layer in model.model.layers:
         layer.input_layernorm.weight[0] = 0.0
         layer.post_attention_layernorm.weight[0] = 0.0
@@ -269,6 +300,9 @@ def _init_tiny_weights(model: torch.nn.Module, seed: int, eos_id: int, eos_logit
     model.model.norm.weight[1:] = math.sqrt(model.config.hidden_size)  # other units back to ~unit scale
     head = model.get_output_embeddings().weight  # (V, H)
     head[:, 0] = 0.0
+    head[eos_id, 1:] *= (
+        std / head_std
+    )  # EOS's logit is mostly the constant feature: P(EOS) varies less by context
     head[eos_id, 0] = eos_logit / math.sqrt(head.shape[1])
 
 

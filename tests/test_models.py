@@ -44,38 +44,55 @@ def test_tiny_llama_layout_and_tokenizer(tiny):
     }
     assert not list(tiny.glob("*.bin")), "weights must be safetensors only"
     config = AutoConfig.from_pretrained(tiny)
-    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.head_dim) == (64, 2, 2, 32)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.head_dim) == (
+        64,
+        2,
+        2,
+        32,
+    )
     tok = AutoTokenizer.from_pretrained(tiny)
     assert len(tok) == config.vocab_size == 512
-    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2) == (
-        config.pad_token_id,
-        config.bos_token_id,
-        config.eos_token_id,
+    assert (
+        (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+        == (0, 1, 2)
+        == (
+            config.pad_token_id,
+            config.bos_token_id,
+            config.eos_token_id,
+        )
     )
     text = tok.apply_chat_template(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
         tokenize=False,
         add_generation_prompt=True,
     )
-    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        text
+        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
     sentence = models.tiny_corpus()[0]
     assert tok.decode(tok(sentence)["input_ids"]) == sentence  # byte-level BPE round trip, no BOS added
 
 
 def test_tiny_llama_stops_sometimes(tiny):
-    """The constant EOS feature: P(EOS) ~ e^3.5 / (e^3.5 + 511) = 33.1 / 544.1 ~ 0.061 at the assistant turn."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Over 8 x 64 random contexts: P(EOS) averages ~6% (the +7.5 EOS feature against logits of std ~3; measured
+    6.4%), EOS is the argmax only sometimes (measured 9%), and the distribution is far from uniform
+    (entropy ~3.0 nats, where uniform over 512 tokens is ln 512 = 6.24)."""
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(tiny)
     model = AutoModelForCausalLM.from_pretrained(tiny, use_safetensors=True).eval()
-    ids = tok.apply_chat_template([{"role": "user", "content": "Write a short poem about the sea."}],
-                                  tokenize=False, add_generation_prompt=True)
-    input_ids = torch.tensor([tok(ids, add_special_tokens=False)["input_ids"]])
+    ids = torch.randint(3, 512, (8, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        probs = torch.softmax(model(input_ids).logits[0, -1], dim=-1)  # (V,)
-    assert 0.03 < float(probs[tok.eos_token_id]) < 0.12
-    others = torch.cat([probs[:2], probs[3:]])
-    assert float(others.max()) < 0.02  # the rest stays near uniform (1/511 ~ 0.002)
+        logits = model(ids).logits  # (8, 64, V)
+    probs = torch.softmax(logits, dim=-1)
+    p_eos = float(probs[..., 2].mean())
+    greedy_stops = float((logits.argmax(-1) == 2).float().mean())
+    entropy = float(-(probs * probs.log()).sum(-1).mean())
+    assert 0.03 < p_eos < 0.12 and 0.02 < greedy_stops < 0.3 and 2.0 < entropy < 4.5, (
+        p_eos,
+        greedy_stops,
+        entropy,
+    )
 
 
 def test_tiny_llama_rejects_small_heads(tmp_path):
@@ -85,7 +102,7 @@ def test_tiny_llama_rejects_small_heads(tmp_path):
 
 def test_ensure_tiny_llama_caches_and_rebuilds_incomplete(tmp_path):
     path = ensure_tiny_llama(tmp_path)
-    assert path == tmp_path / "models" / "tiny-llama-v1-seed0" and is_complete(path)
+    assert path == tmp_path / "models" / "tiny-llama-v2-seed0" and is_complete(path)
     stamp = (path / "model.safetensors").stat().st_mtime_ns
     assert ensure_tiny_llama(tmp_path) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp  # cached: not rebuilt
@@ -94,7 +111,9 @@ def test_ensure_tiny_llama_caches_and_rebuilds_incomplete(tmp_path):
     (path / "junk.txt").write_text("partial")
     ensure_tiny_llama(tmp_path)
     assert is_complete(path) and not (path / "junk.txt").exists()
-    assert [p.name for p in (tmp_path / "models").iterdir()] == ["tiny-llama-v1-seed0"]  # no temp folders left
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [
+        "tiny-llama-v2-seed0"
+    ]  # no temp folders left
 
 
 def test_failed_build_publishes_nothing(tmp_path):
@@ -115,10 +134,15 @@ def test_default_cache_dir_honours_env(monkeypatch, tmp_path):
 
 
 def test_resolve_policy(tmp_path):
-    assert resolve_policy("tiny-llama", tmp_path) == str(tmp_path / "models" / "tiny-llama-v1-seed0")
-    assert resolve_policy("meta-llama/Meta-Llama-3-8B-Instruct", tmp_path) == "meta-llama/Meta-Llama-3-8B-Instruct"
+    assert resolve_policy("tiny-llama", tmp_path) == str(tmp_path / "models" / "tiny-llama-v2-seed0")
+    assert (
+        resolve_policy("meta-llama/Meta-Llama-3-8B-Instruct", tmp_path)
+        == "meta-llama/Meta-Llama-3-8B-Instruct"
+    )
     assert resolve_policy("./checkpoints/round-3", tmp_path) == "./checkpoints/round-3"
-    assert [p.name for p in (tmp_path / "models").iterdir()] == ["tiny-llama-v1-seed0"]  # pass-through built nothing
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [
+        "tiny-llama-v2-seed0"
+    ]  # pass-through built nothing
 
 
 def test_smollm2_gguf_is_found_without_import():
@@ -131,7 +155,9 @@ def test_smollm2_gguf_is_found_without_import():
 
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
-    return prepare_smollm2()  # ~80-110 s the first time on 2 shared cores, then cached under default_cache_dir()
+    return (
+        prepare_smollm2()
+    )  # ~80-110 s the first time on 2 shared cores, then cached under default_cache_dir()
 
 
 @pytest.mark.slow
@@ -144,8 +170,12 @@ def test_smollm2_folder(smollm2):
     config = json.loads((smollm2 / "config.json").read_text())
     assert "quantization_config" not in config and config["num_hidden_layers"] == 30
     tok = AutoTokenizer.from_pretrained(smollm2)
-    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
-    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text.startswith("<|im_start|>system\n") and text.endswith(
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert tok.eos_token == "<|im_end|>"
 
 

@@ -1,0 +1,139 @@
+"""vLLM backend: the offline `LLM` engine in this process, one `SamplingParams(seed=...)` per prompt.
+
+Per-request seeds make a prompt's samples independent of its batch neighbours (vLLM gives each seeded request its
+own torch.Generator; child j of an n-sample request uses seed + j). On CPU, vLLM rewinds a request's generator with
+`Generator.set_offset` whenever it discards a token sampled at the end of a partial (chunked) prefill, which the
+CPU generator does not support ("CPU Generator does not use offset"): on CPU the engine therefore runs with
+chunked prefill off, so every prefill fits one step. On GPU the default scheduler is kept.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+
+from ampo.config import GenerationConfig, RuntimeConfig
+from ampo.generation import (
+    Generator,
+    Progress,
+    Sample,
+    check_request,
+    render_prompt,
+    resolve_device,
+    resolve_dtype,
+)
+
+logger = logging.getLogger(__name__)
+
+CPU_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in this process (no __main__ guard needed)
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache
+    "VLLM_NO_USAGE_STATS": "1",
+}
+PROGRESS_CHUNK = 64  # prompts per engine call when a progress callback is given (one call otherwise)
+
+
+class VLLMGenerator(Generator):
+    """vLLM `LLM` over a local HF folder; fp32 and eager on CPU, bf16 on GPU when dtype is "auto"."""
+
+    def __init__(
+        self,
+        model_path: str,
+        cfg: GenerationConfig,
+        runtime: RuntimeConfig,
+        *,
+        max_model_len: int | None = None,
+    ):
+        self.cfg = cfg
+        self.device = resolve_device(runtime.device)
+        if self.device == "cpu":
+            for key, value in CPU_ENV.items():
+                os.environ.setdefault(key, value)  # read by vllm at import time
+        from vllm import LLM
+
+        self.llm = LLM(model=model_path, **engine_args(cfg, runtime, self.device, max_model_len))
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(
+        self, prompts: list[str], *, n: int, seeds: list[int], progress: Progress | None = None
+    ) -> list[list[Sample]]:
+        """samples[i][j]: response j to prompts[i]; prompt i's draws come from seeds[i] alone."""
+        from vllm import SamplingParams
+
+        check_request(prompts, n, seeds)
+        draws = 1 if self.cfg.temperature == 0 else n  # vLLM refuses greedy with n > 1: copy the one answer
+        requests = [
+            {"prompt_token_ids": render_prompt(self.tokenizer, p, self.cfg.system_prompt)} for p in prompts
+        ]
+        params = [
+            SamplingParams(
+                n=draws,
+                temperature=self.cfg.temperature,
+                top_p=self.cfg.top_p,
+                max_tokens=self.cfg.max_new_tokens,
+                logprobs=0,  # the chosen token's log-prob (raw model distribution: logprobs_mode="raw_logprobs")
+                seed=seed,
+                detokenize=False,  # decoded below with the tokenizer, as the transformers backend does
+            )
+            for seed in seeds
+        ]
+        chunk = PROGRESS_CHUNK if progress is not None else max(len(prompts), 1)
+        results: list[list[Sample]] = []
+        for start in range(0, len(prompts), chunk):
+            outputs = self.llm.generate(
+                requests[start : start + chunk], params[start : start + chunk], use_tqdm=False
+            )
+            results += [[to_sample(c, self.tokenizer) for c in out.outputs] * (n // draws) for out in outputs]
+            if progress is not None:
+                progress(len(results))
+        return results
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory, so another engine can start in this process."""
+        if getattr(self, "llm", None) is None:
+            return
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        self.llm.llm_engine.engine_core.shutdown()
+        self.llm = None
+        gc.collect()
+        cleanup_dist_env_and_memory()
+
+
+def engine_args(
+    cfg: GenerationConfig, runtime: RuntimeConfig, device: str, max_model_len: int | None
+) -> dict:
+    """Keyword arguments for `vllm.LLM` on `device` (see the module docstring for the CPU scheduler choice)."""
+    args = {
+        "dtype": resolve_dtype(cfg.dtype, device),
+        "seed": 0,  # sampling is seeded per request; this seeds only unseeded requests
+        "trust_remote_code": runtime.trust_remote_code,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "enforce_eager": cfg.enforce_eager or device == "cpu",
+        "max_model_len": max_model_len,
+        "logprobs_mode": "raw_logprobs",
+    }
+    if device == "cpu":
+        args["enable_chunked_prefill"] = False
+        if max_model_len is not None:
+            args["max_num_batched_tokens"] = max(max_model_len, 2048)
+    else:
+        args["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    return args
+
+
+def to_sample(completion, tokenizer) -> Sample:
+    """A vLLM CompletionOutput as a Sample: token count includes EOS, logp_mean over the generated tokens.
+
+    The text is decoded from all the token ids (vLLM's incremental detokenizer holds back a trailing partial UTF-8
+    character, which would make the two backends' texts differ)."""
+    if completion.finish_reason not in ("stop", "length"):
+        raise RuntimeError(
+            f"vLLM finished a request with {completion.finish_reason!r}; expected 'stop' or 'length'"
+        )
+    tokens = list(completion.token_ids)
+    logps = [step[token].logprob for step, token in zip(completion.logprobs or [], tokens)]
+    logp_mean = sum(logps) / len(logps) if logps and len(logps) == len(tokens) else None
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    return Sample(text, len(tokens), completion.finish_reason, logp_mean)
