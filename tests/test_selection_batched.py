@@ -186,9 +186,11 @@ def test_bad_values_name_the_prompt():
         select_batch("bottomk", rewards, embeddings, 2)
     rewards[2][3] = 0.0
     embeddings[3][1, 0] = np.inf
-    with pytest.raises(ValueError, match=r"prompt 3: embeddings must be finite; embeddings\[1, 0\]=inf"):
-        select_batch("optselect", rewards, embeddings, 2)
-    r, e, _ = padded(rewards, embeddings)
+    for method in ("optselect", "bottomk"):
+        with pytest.raises(ValueError, match=r"prompt 3: embeddings must be finite; embeddings\[1, 0\]=inf"):
+            select_batch(method, rewards, embeddings, 2)
+    embeddings[3][1, 0] = 0.0
+    r, e, _ = padded(rewards, embeddings)  # NaN padding: never an error
     with pytest.raises(ValueError, match=r"lengths must be 4 ints in \[0, 6\]"):
         select_batch("bottomk", r, e, 2, lengths=[6, 6, 7, 6])
     with pytest.raises(ValueError, match=r"prompt 1: a pool needs at least 2 responses; got N=1"):

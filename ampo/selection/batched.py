@@ -274,15 +274,29 @@ def gather(values, prompts: np.ndarray, n: int, dtype) -> np.ndarray:
     return np.asarray(np.asarray(values)[prompts, :n], dtype=dtype)
 
 
-def check_chunk(method: str, rewards: np.ndarray, embeddings, k: int, prompts: np.ndarray) -> None:
-    """The checks of `select`, for b pools of one size; errors name the prompt."""
+def check_finite_embeddings(embeddings, sizes: np.ndarray) -> None:
+    """Every pool's embeddings are finite (padding ignored), else a ValueError naming the first bad prompt.
+    One pass over views of the input: no copies, even for the methods that never read the embeddings."""
+    if isinstance(embeddings, (list, tuple)):
+        bad = [p for p, e in enumerate(embeddings) if not np.isfinite(e).all()]
+    else:
+        e, bad = np.asarray(embeddings), []
+        step = rows_per_step(e.shape[1] * e.shape[2])
+        for start in range(0, len(e), step):
+            finite = np.isfinite(e[start : start + step]).all(axis=2)  # (b, Nmax)
+            finite |= np.arange(e.shape[1]) >= sizes[start : start + step, None]  # padding
+            bad += (start + np.flatnonzero(~finite.all(axis=1))).tolist()
+    if bad:
+        n = int(sizes[bad[0]])
+        check_embeddings(np.asarray(embeddings[bad[0]])[:n], n, where=f"prompt {bad[0]}: ")
+
+
+def check_chunk(method: str, rewards: np.ndarray, k: int, prompts: np.ndarray) -> None:
+    """The reward and k checks of `select`, for b pools of one size; errors name the prompt."""
     n = rewards.shape[1]
     bad = np.flatnonzero((~np.isfinite(rewards)).any(axis=1) if n >= 2 else np.ones(len(prompts), bool))
     if bad.size:
         check_rewards(rewards[bad[0]], where=f"prompt {prompts[bad[0]]}: ")
-    if method in USES_EMBEDDINGS and not np.isfinite(embeddings).all():
-        b = int(np.flatnonzero(~np.isfinite(embeddings).all(axis=(1, 2)))[0])
-        check_embeddings(embeddings[b], n, finite=True, where=f"prompt {prompts[b]}: ")
     if method in NEEDS_K_NEGATIVES:
         check_k(k, n, where=f"prompt {prompts[0]}: ")
 
@@ -301,6 +315,7 @@ def select_batch(
     k = check_k(k)
     sizes = pool_sizes(rewards, embeddings, lengths)
     seeds = check_seeds(seed, len(sizes))
+    check_finite_embeddings(embeddings, sizes)
     out: list[Selection | None] = [None] * len(sizes)
     dim = embedding_dim(embeddings) if method in USES_EMBEDDINGS else 0
     for n in np.unique(sizes).tolist():
@@ -310,7 +325,7 @@ def select_batch(
             prompts = same_size[start : start + step]
             r = gather(rewards, prompts, n, np.float64)
             e = gather(embeddings, prompts, n, None) if method in USES_EMBEDDINGS else None
-            check_chunk(method, r, e, k, prompts)
+            check_chunk(method, r, k, prompts)
             selections = BATCH_SELECTORS[method](r, e, k, seeds=seeds[prompts], **options)
             for p, selection in zip(prompts.tolist(), selections):
                 out[p] = selection

@@ -67,14 +67,14 @@ def check_rewards(rewards, *, where: str = "") -> np.ndarray:
     return r
 
 
-def check_embeddings(embeddings, n: int, *, finite: bool, where: str = "") -> np.ndarray:
-    """embeddings (N, d) matching the N rewards; finite values checked only by the methods that use them."""
+def check_embeddings(embeddings, n: int, *, where: str = "") -> np.ndarray:
+    """embeddings (N, d), finite, matching the N rewards (checked for every method, used by some)."""
     e = np.asarray(embeddings)
     if e.ndim != 2 or e.shape[0] != n:
         raise ValueError(
             f"{where}embeddings must have shape (N, d) = ({n}, d) to match the rewards; got {e.shape}"
         )
-    if finite and not np.isfinite(e).all():
+    if not np.isfinite(e).all():
         i, j = (int(v) for v in np.argwhere(~np.isfinite(e))[0])
         raise ValueError(f"{where}embeddings must be finite; embeddings[{i}, {j}]={e[i, j]}")
     return e

@@ -27,10 +27,8 @@ SELECTORS = {
     "mean_split": select_mean_split,
     "top_bottom": select_top_bottom,
 }
-NEEDS_K_NEGATIVES = frozenset(
-    {"bottomk", "coreset", "optselect", "random"}
-)  # 1 <= k <= N - 1; the rest ignore k
-USES_EMBEDDINGS = frozenset({"coreset", "optselect"})  # the rest only check the embeddings' shape
+NEEDS_K_NEGATIVES = frozenset({"bottomk", "coreset", "optselect", "random"})  # 1 <= k <= N-1; others ignore k
+USES_EMBEDDINGS = frozenset({"coreset", "optselect"})  # the others check the embeddings but never read them
 
 OPTION_CHECKS = {
     "cluster_on": partial(check_choice, allowed=("candidates", "all")),
@@ -69,7 +67,7 @@ def select(method: str, rewards, embeddings, k: int, *, seed: int = 0, **options
     """
     check_method(method, options)
     r = check_rewards(rewards)
-    e = check_embeddings(embeddings, len(r), finite=method in USES_EMBEDDINGS)
+    e = check_embeddings(embeddings, len(r))
     k = check_k(k, len(r) if method in NEEDS_K_NEGATIVES else None)
     seed = int(check_seeds(seed, 1)[0])
     return SELECTORS[method](r, e, k, seed=seed, **options)
