@@ -1,0 +1,91 @@
+"""End to end: two self-play rounds of the tiny model under Prefect (a temporary server), a crashed stage resumed.
+
+One Prefect test harness per session (~15 s); everything else is the real flow, tasks, store and models.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ampo import stages
+from ampo.config import load_config
+from ampo.runlock import RunLockedError, run_lock
+from ampo.stages.context import open_store
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def test_two_rounds_then_crash_and_resume(tmp_path, prefect_harness, monkeypatch):
+    from flows.self_play import self_play, self_play_round
+
+    cfg = load_config(REPO / "infra" / "configs" / "smoke.yaml",
+                      {"store.uri": str(tmp_path / "store"), "runtime.workdir": str(tmp_path / "work")})
+    results = self_play(cfg, "e2e", rounds=2)
+    assert [r["round"] for r in results] == [0, 1]
+    store = open_store(cfg)
+    n_rows = cfg.prompts.per_round * cfg.generation.n
+    for round_ in (0, 1):
+        assert store.count("e2e", round_) == n_rows
+        roles = store.read_rows("e2e", round_, ["role"])["role"].to_pylist()
+        assert roles.count("chosen") == cfg.prompts.per_round
+        assert roles.count("rejected") == cfg.prompts.per_round * cfg.selection.k
+        assert all(s["status"] == "done" for s in store.stage_status("e2e", round_).values())
+        report = Path(results[round_]["report"]["markdown"])
+        assert report.is_file() and "## Gate decision" in report.read_text()
+    assert {"e2e-r0", "e2e-r1"} <= set(store.candidates.tags.list())
+    # round 1 sampled with the champion after round 0
+    policy_r1 = set(store.read_rows("e2e", 1, ["policy"])["policy"].to_pylist())
+    assert policy_r1 == {results[0]["champion"]}
+    statuses = [c["status"] for c in store.list_checkpoints("e2e")]
+    assert statuses.count("champion") == 1 and len(statuses) == 3  # init, r0, r1
+    # the round prompts never repeat across rounds
+    p0 = set(store.read_rows("e2e", 0, ["prompt_id"])["prompt_id"].to_pylist())
+    p1 = set(store.read_rows("e2e", 1, ["prompt_id"])["prompt_id"].to_pylist())
+    assert p0.isdisjoint(p1)
+
+    # round 2 crashes in `train`; the re-run skips the finished stages and finishes the rest, no duplicate rows
+    real_train = stages.STAGE_FUNCTIONS["train"]
+
+    def crash(ctx):
+        raise RuntimeError("simulated crash in train")
+
+    monkeypatch.setitem(stages.STAGE_FUNCTIONS, "train", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        self_play_round(cfg, "e2e")
+    assert store.stage_status("e2e", 2)["train"]["status"] == "failed"
+    assert stages.next_round(cfg, "e2e") == 2
+    monkeypatch.setitem(stages.STAGE_FUNCTIONS, "train", real_train)
+    result = self_play_round(cfg, "e2e")
+    assert result["round"] == 2
+    status = store.stage_status("e2e", 2)
+    assert status["generate"]["attempts"] == 1 and status["train"]["attempts"] == 2
+    ids = store.read_rows("e2e", 2, ["id"])["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == n_rows
+    assert [c["status"] for c in store.list_checkpoints("e2e")].count("champion") == 1
+
+    # a second flow run of the same run id refuses with a clear message while the first holds it
+    with run_lock(cfg.runtime.workdir, "e2e"):
+        with pytest.raises(RunLockedError, match="run 'e2e' is in progress elsewhere"):
+            self_play_round(cfg, "e2e")
+
+
+def test_subprocess_isolation_runs_stages_in_child_processes(tmp_path, prefect_harness):
+    from flows.self_play import self_play_round
+
+    cfg = load_config(REPO / "infra" / "configs" / "smoke.yaml",
+                      {"store.uri": str(tmp_path / "store"), "runtime.workdir": str(tmp_path / "work"),
+                       "runtime.stage_isolation": "subprocess", "prompts.per_round": 2, "eval.max_prompts": 2})
+    result = self_play_round(cfg, "iso", 0)
+    assert result["round"] == 0
+    saved = json.loads((tmp_path / "work" / "runs" / "iso" / "config.json").read_text())
+    assert saved["runtime"]["stage_isolation"] == "subprocess"
+    assert all(s["status"] == "done" for s in open_store(cfg).stage_status("iso", 0).values())
