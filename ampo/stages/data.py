@@ -138,6 +138,7 @@ SELECT_OPTIONS = {  # SelectionConfig fields each method takes
 
 def select(ctx: RoundContext) -> dict:
     """Run the batched selector over every prompt of the round and write roles; replaces any earlier selection."""
+    from ampo.generation import derive_seed
     from ampo.selection import count_skipped, select_batch
 
     sel = ctx.cfg.selection
@@ -146,7 +147,8 @@ def select(ctx: RoundContext) -> dict:
         raise ValueError(f"run {ctx.run!r} round {ctx.round} has no scored responses to select from")
     padded = pools.padded()
     options = {name: getattr(sel, name) for name in SELECT_OPTIONS.get(sel.method, ())}
-    selections = select_batch(sel.method, padded.rewards, padded.vectors, sel.k, seed=sel.seed,
+    seeds = np.array([derive_seed(ctx.run, ctx.round, pid, sel.seed) for pid in pools.prompt_ids])  # (P,)
+    selections = select_batch(sel.method, padded.rewards, padded.vectors, sel.k, seed=seeds,
                               lengths=padded.lengths, **options)  # fmt: skip
     ids, roles, clusters = [], [], []
     for i, s in enumerate(selections):
