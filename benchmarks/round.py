@@ -1,0 +1,81 @@
+"""Wall time of one smoke round by stage, and the share spent outside the stages (orchestration and store).
+
+    .venv/bin/python benchmarks/round.py [--config infra/configs/smoke.yaml]
+
+Runs the round twice in the same process, on fresh stores: once as plain `run_stage` calls (the baseline, no
+Prefect) and once as the Prefect flow on the temporary local server (started and warmed up before timing). The
+overhead of a run is its wall time minus the seconds the stages themselves recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "LANCE_LOG": "error",
+                   "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                   "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}.items():
+    os.environ.setdefault(key, value)
+
+from ampo.config import load_config  # noqa: E402
+from ampo.stages import STAGES, run_stage  # noqa: E402
+from ampo.stages.context import open_store  # noqa: E402
+
+
+def stage_seconds(cfg, run: str) -> dict[str, float]:
+    status = open_store(cfg).stage_status(run, 0)
+    return {name: float(status[name]["seconds"]) for name in STAGES}
+
+
+def plain(cfg) -> float:
+    start = time.perf_counter()
+    for name in STAGES:
+        run_stage(name, cfg, "bench", 0)
+    return time.perf_counter() - start
+
+
+def with_prefect(cfg) -> float:
+    from prefect import flow
+
+    from flows.self_play import self_play_round
+
+    @flow
+    def warm_up() -> int:
+        return 1
+
+    warm_up()  # starts the temporary server outside the timed region
+    start = time.perf_counter()
+    self_play_round(cfg, "bench", 0)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(REPO / "infra" / "configs" / "smoke.yaml"))
+    args = parser.parse_args()
+    rows = []
+    for label, runner in (("plain run_stage (baseline)", plain), ("Prefect flow", with_prefect)):
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = load_config(args.config, {"store.uri": f"{tmp}/store", "runtime.workdir": f"{tmp}/work"})
+            wall = runner(cfg)
+            stages = stage_seconds(cfg, "bench")
+            rows.append((label, wall, stages))
+    print(f"| stage | {' | '.join(label for label, _, _ in rows)} |")
+    print("|---|" + "---|" * len(rows))
+    for name in STAGES:
+        print(f"| {name} | " + " | ".join(f"{s[name]:.1f} s" for _, _, s in rows) + " |")
+    for label, wall, stages in rows:
+        inside = sum(stages.values())
+        print(f"\n{label}: wall {wall:.1f} s, stages {inside:.1f} s, outside the stages {wall - inside:.1f} s "
+              f"= {100 * (wall - inside) / wall:.1f}% (goal < 10%)")
+    print(f"\nPrefect flow / plain wall-time ratio: {rows[1][1] / rows[0][1]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
