@@ -146,6 +146,7 @@ def train(policy_path: str, groups: list[Group], loss_fn: LossFn, cfg: TrainConf
     when output_dir already has its manifest. `progress(step, total_steps, metrics)` is called after each step.
     """
     output_dir, runtime, options = Path(output_dir), runtime or RuntimeConfig(), options or ForwardOptions()
+    check_manifest_extra(manifest_extra or {})
     if (output_dir / MANIFEST).is_file():
         log.info("%s already has its manifest; not training again", output_dir)
         return result_from_checkpoint(output_dir)
@@ -374,6 +375,15 @@ def run_metrics(history: list[dict], n_groups: int, n_skipped: int, n_truncated:
 
 
 CALLER_KEYS = ("id", "run", "round", "parent", "data_version")  # what manifest_extra usually gives
+TRAINER_KEYS = ("format", "loss", "loss_params", "config_hash", "data_hash", "steps", "epochs", "train_config",
+                "metrics", "losses", "versions", "created_at")  # what only the trainer writes
+
+
+def check_manifest_extra(extra: dict) -> None:
+    clash = sorted(k for k in extra if k in TRAINER_KEYS)
+    if clash:
+        raise ValueError(f"manifest_extra may not set {clash}: the trainer writes them; "
+                         f"callers usually give {list(CALLER_KEYS)}")
 
 
 def build_manifest(policy_path: str, loss_fn: LossFn, cfg: TrainConfig, identity: dict, metrics: dict,
@@ -391,10 +401,8 @@ def build_manifest(policy_path: str, loss_fn: LossFn, cfg: TrainConfig, identity
                      "accelerate": accelerate.__version__},
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    clash = sorted(k for k in extra if k in manifest and k != "parent")
-    if clash:
-        raise ValueError(f"manifest_extra may not set {clash}: the trainer writes them; "
-                         f"callers usually give {list(CALLER_KEYS)}")
+    check_manifest_extra(extra)
+    assert set(manifest) == {*TRAINER_KEYS, "parent"}, "TRAINER_KEYS is out of date"
     return {**{k: None for k in CALLER_KEYS}, **manifest, **extra}
 
 

@@ -21,6 +21,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -99,6 +100,7 @@ class TokenCounter:
 
     def __init__(self):
         self.tokens = 0
+        self.padded = 0  # tokens including padding: what the matmuls actually process
 
     def attach(self, model) -> None:
         import torch
@@ -108,6 +110,7 @@ class TokenCounter:
                 mask = kwargs.get("attention_mask")
                 ids = kwargs.get("input_ids", args[0] if args else None)
                 self.tokens += int(mask.sum()) if mask is not None else ids.numel()
+                self.padded += ids.numel()
 
         model.register_forward_pre_hook(hook, with_kwargs=True)
 
@@ -136,11 +139,12 @@ def run_ampo(work: Path, trainer: str, args) -> dict:
         return model
 
     trainer_module.load_policy = load_and_count  # count the trained model's tokens, as for TRL below
+    shutil.rmtree(work / f"out-{trainer}", ignore_errors=True)  # a finished checkpoint would not be retrained
     rss_before = peak_rss_mb()
     result = trainer_module.train(
         str(work / "model"), groups, trainer_module.make_loss_fn(LossConfig(name="dpo" if pairs else "ampo")), cfg,
         output_dir=work / f"out-{trainer}", runtime=runtime,
-        progress=lambda step, total, m: marks.append((m["perf/seconds"], counter.tokens)))
+        progress=lambda step, total, m: marks.append((m["perf/seconds"], counter.tokens, counter.padded)))
     return summarise(marks, rss_before, result.losses)
 
 
@@ -165,7 +169,7 @@ def run_trl(work: Path, args) -> dict:
             self.t0 = time.perf_counter()
 
         def on_step_end(self, *a, **kw):
-            marks.append((time.perf_counter() - self.t0, counter.tokens))
+            marks.append((time.perf_counter() - self.t0, counter.tokens, counter.padded))
 
     config = DPOConfig(output_dir=str(work / "out-trl"), per_device_train_batch_size=args.batch,
                        gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=1e-5,
@@ -179,15 +183,18 @@ def run_trl(work: Path, args) -> dict:
     return summarise(marks, rss_before, [out.training_loss])
 
 
-def summarise(marks: list[tuple[float, int]], rss_before: float, losses: list[float]) -> dict:
-    """Tokens/s over the steps after the first: marks are (step seconds, cumulative tokens after the step)."""
+def summarise(marks: list[tuple[float, int, int]], rss_before: float, losses: list[float]) -> dict:
+    """Tokens/s over the steps after the first: marks are (step seconds, cumulative tokens, cumulative tokens with
+    padding) after each step."""
     import torch
 
-    seconds = sum(s for s, _ in marks[1:])
+    seconds = sum(m[0] for m in marks[1:])
     tokens = marks[-1][1] - marks[0][1]
+    padded = marks[-1][2] - marks[0][2]
     cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return {"steps": len(marks), "timed_steps": len(marks) - 1, "tokens": tokens, "seconds": seconds,
             "tokens_per_s": tokens / seconds, "tokens_per_step": tokens / max(len(marks) - 1, 1),
+            "non_pad_share": tokens / padded,
             "peak_rss_mb": peak_rss_mb(), "rss_before_train_mb": rss_before, "cuda_peak_mb": cuda_peak,
             "losses": losses[:3]}
 
@@ -238,8 +245,9 @@ def main() -> None:
         for _ in range(args.repeats):  # interleaved, best of the repeats: a shared machine's load comes and goes
             for name in args.trainers:
                 cmd = [sys.executable, __file__, "--worker", name, "--work", str(work), *sys.argv[1:]]
-                subprocess.run(cmd, check=True, stdout=None if os.environ.get("VERBOSE") else subprocess.DEVNULL,
-                               stderr=None if os.environ.get("VERBOSE") else subprocess.DEVNULL)
+                proc = subprocess.run(cmd, check=False, capture_output=not os.environ.get("VERBOSE"), text=True)
+                if proc.returncode != 0:
+                    sys.exit(f"{name} failed (exit {proc.returncode}):\n{(proc.stderr or '')[-3000:]}")
                 r = json.loads((work / f"{name}.json").read_text())
                 if name not in results or r["tokens_per_s"] > results[name]["tokens_per_s"]:
                     results[name] = r
@@ -258,12 +266,14 @@ def print_table(args, results: dict, wall: float) -> None:
           f"torch={torch.__version__} total {wall:.0f} s\n")
     base = results.get("trl-pairs")
     cuda = any(r["cuda_peak_mb"] is not None for r in results.values())
-    head = "| trainer | timed steps | tokens/step | tokens/s | vs TRL | peak RSS MB | RSS before train MB |"
+    head = ("| trainer | timed steps | tokens/step | non-pad share | tokens/s | vs TRL | peak RSS MB "
+            "| RSS before train MB |")
     print(head + (" CUDA peak MB |" if cuda else ""))
     print("|" + "---|" * (head.count("|") - 1 + cuda))
     for name, r in results.items():
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
-        row = (f"| {name} | {r['timed_steps']} | {r['tokens_per_step']:.0f} | {r['tokens_per_s']:.0f} | {ratio} | "
+        row = (f"| {name} | {r['timed_steps']} | {r['tokens_per_step']:.0f} | {r['non_pad_share']:.2f} | "
+               f"{r['tokens_per_s']:.0f} | {ratio} | "
                f"{r['peak_rss_mb']:.0f} | {r['rss_before_train_mb']:.0f} |")
         print(row + (f" {r['cuda_peak_mb']:.0f} |" if cuda else ""))
 

@@ -240,9 +240,10 @@ def test_a_folder_without_its_manifest_is_never_used(policy):
 
 
 def test_manifest_extra_cannot_overwrite_trainer_fields(policy, tmp_path):
-    with pytest.raises(ValueError, match="manifest_extra may not set"):
+    with pytest.raises(ValueError, match=r"manifest_extra may not set \['metrics'\]"):
         train(policy, make_groups(), make_loss_fn(LossConfig()), tiny_cfg(groups_per_step=4), output_dir=tmp_path,
-              runtime=CPU, manifest_extra={"metrics": {}})
+              runtime=CPU, manifest_extra={"metrics": {}, "id": "x"})
+    assert not any(tmp_path.iterdir())  # refused before any training
 
 
 def test_lora_through_the_entry_point_saves_a_merged_plain_checkpoint(policy, tmp_path):
