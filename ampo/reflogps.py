@@ -2,8 +2,8 @@
 selected rows, so the trainer holds one model, not two.
 
 Response tokens only, prompt tokens label-masked (spec 1.1), tokenised exactly as the trainer tokenises them
-(`ampo.training_data.tokenize_groups` with the same ForwardOptions), in eval mode under no_grad: fp32 on CPU,
-bf16 on GPU when cfg.dtype is auto.
+(`ampo.training_data.tokenize_groups` with the same ForwardOptions), in eval mode under no_grad, in the trainer's
+precision: fp32 weights, fp32 on CPU, bf16 autocast on GPU when cfg.dtype is auto.
 """
 
 from __future__ import annotations
@@ -43,12 +43,12 @@ def compute_reference_logps(model_path: str, groups_or_pairs: Sequence[Group] | 
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=runtime.trust_remote_code)
     tgroups, _ = tokenize_groups(tokenizer, groups, max_length=cfg.max_length,
                                  max_prompt_length=cfg.max_prompt_length, options=options)
-    device, dtype = reference_device(cfg, runtime)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
+    device, autocast = reference_precision(cfg, runtime)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
                                                  trust_remote_code=runtime.trust_remote_code).to(device).eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sums, means, counts = [], [], []
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         for start in range(0, len(tgroups), cfg.groups_per_step):
             batch = collate(tgroups[start : start + cfg.groups_per_step])
             out = group_logps(model, batch.examples, pad_token_id=pad_id, forward_mode=options.forward_mode)
@@ -58,13 +58,14 @@ def compute_reference_logps(model_path: str, groups_or_pairs: Sequence[Group] | 
     return ReferenceLogps(torch.cat(sums).numpy(), torch.cat(means).numpy(), torch.cat(counts).long().numpy())
 
 
-def reference_device(cfg: TrainConfig, runtime: RuntimeConfig) -> tuple[torch.device, torch.dtype]:
-    """(device, weight dtype): fp32 on CPU; on GPU bf16 unless cfg.dtype asks for float32."""
+def reference_precision(cfg: TrainConfig, runtime: RuntimeConfig) -> tuple[torch.device, bool]:
+    """(device, bf16 autocast?) exactly as the trainer runs: fp32 weights, bf16 autocast on GPU when cfg.dtype is
+    auto or bfloat16 (on CPU only when bfloat16), so reference and policy log-probs agree at step 0."""
     if runtime.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("runtime.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    if runtime.device == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu"), torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    return torch.device("cuda"), torch.float32 if cfg.dtype == "float32" else torch.bfloat16
+    cpu = runtime.device == "cpu" or not torch.cuda.is_available()
+    autocast = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and not cpu)
+    return torch.device("cpu" if cpu else "cuda"), autocast
 
 
 def as_groups(items: Sequence[Group] | Sequence[tuple[str, str]]) -> list[Group]:

@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -290,7 +291,19 @@ def make_accelerator(cfg: TrainConfig, runtime: RuntimeConfig):
         raise ValueError("runtime.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     cpu = runtime.device == "cpu" or not torch.cuda.is_available()
     mixed = {"auto": "no" if cpu else "bf16", "float32": "no", "bfloat16": "bf16"}[cfg.dtype]
+    fresh_accelerate_state()
     return Accelerator(cpu=cpu, gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed)
+
+
+def fresh_accelerate_state() -> None:
+    """accelerate keeps process-global state that refuses a second precision in the same process. In a single,
+    non-launched process (tests, in-process stages) each train() starts it afresh; a launched distributed run is
+    one train() per process and is left alone."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 def load_policy(policy_path: str, cfg: TrainConfig, runtime: RuntimeConfig):

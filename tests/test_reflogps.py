@@ -89,10 +89,16 @@ def test_with_reference_fills_groups_in_order(policy):
         with_reference(GROUPS, ref._replace(sum=ref.sum[:6]))
 
 
-def test_dpo_with_its_own_reference_starts_at_log_two(policy, tmp_path):
-    # policy = reference -> every log-ratio is 0 -> DPO loss -log sigmoid(0) = log 2 = 0.693147 for each pair
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dpo_with_its_own_reference_starts_at_log_two(policy, tmp_path, dtype):
+    # policy = reference -> every log-ratio is 0 -> DPO loss -log sigmoid(0) = log 2 = 0.693147 for each pair;
+    # in bf16 autocast too, since the reference runs in the trainer's precision
+    cfg = CFG.model_copy(update={"groups_per_step": 3, "dtype": dtype})
     pairs = [Group(g.prompt_id, g.prompt, g.responses[:2], g.rewards[:2], [True, False]) for g in GROUPS]
-    groups = with_reference(pairs, compute_reference_logps(policy, pairs, CFG, CPU))
-    result = train(policy, groups, make_loss_fn(LossConfig(name="dpo")), CFG.model_copy(update={"groups_per_step": 3}),
+    ref = compute_reference_logps(policy, pairs, cfg, CPU)
+    result = train(policy, with_reference(pairs, ref), make_loss_fn(LossConfig(name="dpo")), cfg,
                    output_dir=tmp_path / "ckpt", runtime=CPU)
     assert result.losses[0] == pytest.approx(math.log(2), abs=1e-5)
+    if dtype == "bfloat16":  # bf16 really ran: its log-probs differ from fp32's
+        fp32 = compute_reference_logps(policy, pairs, CFG, CPU)
+        assert 1e-4 < np.abs(ref.sum - fp32.sum).max() < 0.5
