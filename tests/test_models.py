@@ -189,6 +189,8 @@ def test_smollm2_answers_with_transformers(smollm2):
         [[answer]] = gen.generate(["What is the capital of France?"], n=1, seeds=[0])
     assert "Paris" in answer.text, answer
     assert answer.finish_reason == "stop" and math.isfinite(answer.logp_mean) and answer.logp_mean <= 0
+    retokenized = gen.tokenizer(answer.text, add_special_tokens=False)["input_ids"]
+    assert answer.n_tokens == len(retokenized) + 1  # the text's tokens plus the EOS that ended it
 
 
 @pytest.mark.slow
@@ -202,3 +204,5 @@ def test_smollm2_answers_with_vllm(smollm2):
         [[answer]] = gen.generate(["What is the capital of France?"], n=1, seeds=[0])
     assert "Paris" in answer.text, answer
     assert answer.finish_reason == "stop" and math.isfinite(answer.logp_mean) and answer.logp_mean <= 0
+    retokenized = gen.tokenizer(answer.text, add_special_tokens=False)["input_ids"]
+    assert answer.n_tokens == len(retokenized) + 1  # the text's tokens plus the EOS that ended it

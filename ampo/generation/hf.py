@@ -97,11 +97,13 @@ class HFGenerator(Generator):
     ) -> list[list[Sample]]:
         """samples[i][j]: response j to prompts[i]; prompt i's draws come from seeds[i] alone."""
         check_request(prompts, n, seeds)
+        draws = 1 if self.cfg.temperature == 0 else n  # greedy: decode once, copy n times
         token_prompts = [render_prompt(self.tokenizer, p, self.cfg.system_prompt) for p in prompts]
         results: list[list[Sample]] = []
         for start in range(0, len(prompts), self.cfg.batch_size):
             stop = start + self.cfg.batch_size
-            results += self._generate_batch(token_prompts[start:stop], n, seeds[start:stop])
+            batch = self._generate_batch(token_prompts[start:stop], draws, seeds[start:stop])
+            results += [row * (n // draws) for row in batch]
             if progress is not None:
                 progress(len(results))
         return results
