@@ -1,6 +1,6 @@
 """Training throughput: ampo's group trainer against TRL's DPOTrainer, same model, same responses, same run.
 
-    .venv/bin/python benchmarks/train.py                       # random Llama (hidden 256, 4 layers), CPU, ~2-4 min
+    .venv/bin/python benchmarks/train.py                       # random Llama (hidden 256, 4 layers), CPU, ~6 min
     .venv/bin/python benchmarks/train.py --shape smollm2-135m  # SmolLM2-135M's shape, random weights (for a GPU)
 
 Three trainers, each in its own subprocess (so peak memory is each one's own):
@@ -8,8 +8,10 @@ Three trainers, each in its own subprocess (so peak memory is each one's own):
   ampo-pairs   ampo.trainer, DPO loss, best-vs-worst pairs, reference log-probs computed before training
   trl-pairs    trl.DPOTrainer, DPO sigmoid loss, the same pairs, reference log-probs precomputed
 Tokens are counted the same way for all three: a forward pre-hook on the trained model adds up the attention mask
-(non-pad tokens) of every forward run with gradients enabled, i.e. the tokens of forward+backward. Time is the sum
-of optimizer-step wall times, without the first (warm-up) step. bf16 and gradient checkpointing are off on CPU
+(non-pad tokens) of every forward run with gradients enabled, i.e. the tokens of forward+backward. Time runs from
+the end of the first (warm-up) optimizer step to the end of the last, as wall time and as the worker's CPU time
+(one torch thread by default: on a shared machine CPU time is the steadier figure, and repeats keep each trainer's
+best run). bf16 and gradient checkpointing are off on CPU
 (TRL's DPOConfig turns both on by default; they made CPU training 10x slower here); on a GPU both trainers use bf16
 autocast over fp32 weights. Peak memory: ru_maxrss of each subprocess (and torch.cuda.max_memory_allocated on GPU).
 """
@@ -114,6 +116,10 @@ class TokenCounter:
 
         model.register_forward_pre_hook(hook, with_kwargs=True)
 
+    def mark(self) -> tuple[float, float, int, int]:
+        """(wall time, this process's CPU time, tokens, tokens with padding) at the end of an optimizer step."""
+        return time.perf_counter(), time.process_time(), self.tokens, self.padded
+
 
 def run_ampo(work: Path, trainer: str, args) -> dict:
     import ampo.trainer as trainer_module
@@ -144,7 +150,7 @@ def run_ampo(work: Path, trainer: str, args) -> dict:
     result = trainer_module.train(
         str(work / "model"), groups, trainer_module.make_loss_fn(LossConfig(name="dpo" if pairs else "ampo")), cfg,
         output_dir=work / f"out-{trainer}", runtime=runtime,
-        progress=lambda step, total, m: marks.append((m["perf/seconds"], counter.tokens, counter.padded)))
+        progress=lambda step, total, m: marks.append(counter.mark()))
     return summarise(marks, rss_before, result.losses)
 
 
@@ -165,11 +171,8 @@ def run_trl(work: Path, args) -> dict:
     counter.attach(model)
 
     class StepTimer(TrainerCallback):
-        def on_step_begin(self, *a, **kw):
-            self.t0 = time.perf_counter()
-
         def on_step_end(self, *a, **kw):
-            marks.append((time.perf_counter() - self.t0, counter.tokens, counter.padded))
+            marks.append(counter.mark())
 
     config = DPOConfig(output_dir=str(work / "out-trl"), per_device_train_batch_size=args.batch,
                        gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=1e-5,
@@ -183,17 +186,17 @@ def run_trl(work: Path, args) -> dict:
     return summarise(marks, rss_before, [out.training_loss])
 
 
-def summarise(marks: list[tuple[float, int, int]], rss_before: float, losses: list[float]) -> dict:
-    """Tokens/s over the steps after the first: marks are (step seconds, cumulative tokens, cumulative tokens with
-    padding) after each step."""
+def summarise(marks: list[tuple[float, float, int, int]], rss_before: float, losses: list[float]) -> dict:
+    """Tokens/s from the end of the first (warm-up) step to the end of the last: everything in between counts,
+    data collation included, for both trainers alike."""
     import torch
 
-    seconds = sum(m[0] for m in marks[1:])
-    tokens = marks[-1][1] - marks[0][1]
-    padded = marks[-1][2] - marks[0][2]
+    (wall0, cpu0, tokens0, padded0), (wall1, cpu1, tokens1, padded1) = marks[0], marks[-1]
+    seconds, cpu_seconds, tokens, padded = wall1 - wall0, cpu1 - cpu0, tokens1 - tokens0, padded1 - padded0
     cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return {"steps": len(marks), "timed_steps": len(marks) - 1, "tokens": tokens, "seconds": seconds,
-            "tokens_per_s": tokens / seconds, "tokens_per_step": tokens / max(len(marks) - 1, 1),
+            "tokens_per_s": tokens / seconds, "tokens_per_cpu_s": tokens / cpu_seconds,
+            "tokens_per_step": tokens / max(len(marks) - 1, 1),
             "non_pad_share": tokens / padded,
             "peak_rss_mb": peak_rss_mb(), "rss_before_train_mb": rss_before, "cuda_peak_mb": cuda_peak,
             "losses": losses[:3]}
@@ -249,7 +252,7 @@ def main() -> None:
                 if proc.returncode != 0:
                     sys.exit(f"{name} failed (exit {proc.returncode}):\n{(proc.stderr or '')[-3000:]}")
                 r = json.loads((work / f"{name}.json").read_text())
-                if name not in results or r["tokens_per_s"] > results[name]["tokens_per_s"]:
+                if name not in results or r["tokens_per_cpu_s"] > results[name]["tokens_per_cpu_s"]:
                     results[name] = r
         print_table(args, results, time.perf_counter() - t0)
 
@@ -266,14 +269,15 @@ def print_table(args, results: dict, wall: float) -> None:
           f"torch={torch.__version__} total {wall:.0f} s\n")
     base = results.get("trl-pairs")
     cuda = any(r["cuda_peak_mb"] is not None for r in results.values())
-    head = ("| trainer | timed steps | tokens/step | non-pad share | tokens/s | vs TRL | peak RSS MB "
-            "| RSS before train MB |")
+    head = ("| trainer | timed steps | tokens/step | non-pad share | tokens/s | vs TRL | tokens/CPU-s | vs TRL "
+            "| peak RSS MB | RSS before train MB |")
     print(head + (" CUDA peak MB |" if cuda else ""))
     print("|" + "---|" * (head.count("|") - 1 + cuda))
     for name, r in results.items():
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        cpu_ratio = f"{r['tokens_per_cpu_s'] / base['tokens_per_cpu_s']:.2f}x" if base else "-"
         row = (f"| {name} | {r['timed_steps']} | {r['tokens_per_step']:.0f} | {r['non_pad_share']:.2f} | "
-               f"{r['tokens_per_s']:.0f} | {ratio} | "
+               f"{r['tokens_per_s']:.0f} | {ratio} | {r['tokens_per_cpu_s']:.0f} | {cpu_ratio} | "
                f"{r['peak_rss_mb']:.0f} | {r['rss_before_train_mb']:.0f} |")
         print(row + (f" {r['cuda_peak_mb']:.0f} |" if cuda else ""))
 

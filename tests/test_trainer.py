@@ -192,11 +192,14 @@ def test_resume_after_a_crash_gives_the_same_losses(dropout_policy, tmp_path):
 def test_resume_refuses_a_state_from_another_config(policy, tmp_path):
     loss_fn = make_loss_fn(LossConfig())
 
-    def crash(step, total, metrics):
-        raise RuntimeError("stop")
+    def crash_at_3(step, total, metrics):
+        if step == 3:
+            raise RuntimeError("stop")
 
     with pytest.raises(RuntimeError):
-        train(policy, make_groups(), loss_fn, tiny_cfg(save_every=1), output_dir=tmp_path, runtime=CPU, progress=crash)
+        train(policy, make_groups(), loss_fn, tiny_cfg(save_every=1), output_dir=tmp_path, runtime=CPU,
+              progress=crash_at_3)
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["step-2", "step-3"]  # the last 2 are kept
     with pytest.raises(ValueError, match="different run"):
         train(policy, make_groups(), loss_fn, tiny_cfg(save_every=1, lr=5e-3), output_dir=tmp_path, runtime=CPU)
 
@@ -216,6 +219,17 @@ def test_grad_accumulation_takes_the_same_first_update(policy, tmp_path):
     wa, wb = load_file(a.checkpoint_path / "model.safetensors"), load_file(b.checkpoint_path / "model.safetensors")
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=0)
+
+
+def test_gradient_checkpointing_takes_the_same_step(policy, tmp_path):
+    loss_fn = make_loss_fn(LossConfig())
+    plain = train(policy, make_groups(), loss_fn, tiny_cfg(groups_per_step=4), output_dir=tmp_path / "a", runtime=CPU)
+    ckpt = train(policy, make_groups(), loss_fn, tiny_cfg(groups_per_step=4, gradient_checkpointing=True),
+                 output_dir=tmp_path / "b", runtime=CPU)
+    assert ckpt.losses[0] == pytest.approx(plain.losses[0], abs=1e-6)
+    assert ckpt.history[0]["train/grad_norm"] == pytest.approx(plain.history[0]["train/grad_norm"], rel=1e-5)
+    config = json.loads((ckpt.checkpoint_path / "config.json").read_text())
+    assert config["use_cache"] is True  # the saved policy generates with a KV cache again
 
 
 def test_skipped_groups_are_counted_and_left_out(policy, tmp_path):
