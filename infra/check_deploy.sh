@@ -2,8 +2,8 @@
 # Deploys infra/prefect.yaml to a fresh Prefect server on loopback and reads the deployments back; with --round,
 # also runs one smoke round through the process work pool. Prints the seconds each step took.
 #
-#   infra/check_deploy.sh            # server, both pools, `prefect deploy --all`, inspect: about 2-3 min on 2 busy cores
-#   infra/check_deploy.sh --round    # ... plus one tiny-llama round via `prefect worker start --run-once`: +4 min
+#   infra/check_deploy.sh            # server, both pools, `prefect deploy --all`, read back: 1-2 min on 2 busy cores
+#   infra/check_deploy.sh --round    # ... plus one tiny-llama round via `prefect worker start --run-once`: +1.5-4 min
 #
 # Everything lives in a temporary PREFECT_HOME (deleted at the end); the server is stopped on every exit path.
 # Not a pytest test: the server start alone takes 20-60 s here, and tests/test_deployments.py covers the file offline.
@@ -72,6 +72,15 @@ print(f"[check] read back: nightly schedule {schedules[0][0]!r} active={schedule
       f"gpu job variables {sorted(gpu['job_variables'])}")
 EOF
 step "deployments read back"
+
+# the server checks a run's parameters against the flow's schema: a config with an unknown key is refused up front
+if "$PREFECT" deployment run self-play-round/self-play-round --param run_id=bad \
+     --param config='{"policy": "tiny-llama", "selection": {"kk": 3}}' > "$PREFECT_HOME/bad-run.log" 2>&1; then
+  echo "[check] a run with config.selection.kk was created; expected a refusal"; exit 1
+fi
+grep -q "Error creating flow run" "$PREFECT_HOME/bad-run.log" || { cat "$PREFECT_HOME/bad-run.log"; exit 1; }
+step "a run with an unknown config key was refused: $(grep -o "Error creating flow run.*" "$PREFECT_HOME/bad-run.log" \
+  | head -1 | cut -c1-110)"
 
 if (( RUN_ROUND )); then
   work="$PREFECT_HOME/work"

@@ -1,5 +1,6 @@
-"""infra/prefect.yaml: each entrypoint is the real flow, its parameters validate against the flow and RunConfig, the
-nightly schedule ships inactive, and the Kubernetes GPU job template renders a GPU request and limit.
+"""infra/prefect.yaml: each entrypoint is the real flow, its parameters validate against the flow and
+RunConfig, the nightly schedule ships inactive, and the Kubernetes GPU job template renders a GPU request and
+limit.
 
 Offline and quick: the files are parsed and checked against the code they name. The real deployment against a
 Prefect server on loopback (20-60 s of server start here) is infra/check_deploy.sh.
@@ -45,15 +46,17 @@ def gpu_template() -> dict:
 
 
 def import_entrypoint(entrypoint: str):
-    """`flows/self_play.py:self_play_round` -> the object `flows.self_play.self_play_round` as the package has it."""
+    """`flows/self_play.py:self_play_round` -> `flows.self_play.self_play_round`, imported as a package."""
     path, name = entrypoint.split(":")
     return getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
 
 
 def render_job(template: dict, job_variables: dict) -> dict:
-    """The job configuration a worker builds: variable defaults, overridden by the deployment's job variables, put
-    into the template's placeholders (as prefect.workers.base.BaseJobConfiguration.from_template_and_values does)."""
-    values = {k: v["default"] for k, v in template["variables"]["properties"].items() if v.get("default") is not None}
+    """The job configuration a worker builds: variable defaults, overridden by the deployment's job variables,
+    put into the template's placeholders (prefect.workers.base: from_template_and_values).
+    """
+    properties = template["variables"]["properties"]
+    values = {k: v["default"] for k, v in properties.items() if v.get("default") is not None}
     return apply_values(copy.deepcopy(template["job_configuration"]), {**values, **job_variables})
 
 
@@ -74,7 +77,7 @@ def test_entrypoint_is_the_real_flow(name):
     entrypoint = deployments()[name]["entrypoint"]
     flow = EXPECTED[name][0]
     assert import_entrypoint(entrypoint) is flow
-    # `prefect deploy` loads the file by path from the repository root; it must find the same flow and signature
+    # `prefect deploy` loads the file by path from the repository root: the same flow, the same signature
     loaded = load_flow_from_entrypoint(str(REPO / entrypoint))
     assert loaded.name == flow.name
     assert inspect.signature(loaded.fn) == inspect.signature(flow.fn)
@@ -84,17 +87,28 @@ def test_entrypoint_is_the_real_flow(name):
 def test_parameters_validate_against_the_flow_and_runconfig(name):
     params = deployments()[name]["parameters"]
     flow = EXPECTED[name][0]
-    validated = flow.validate_parameters(params)  # what Prefect does before a run starts; required ones included
+    validated = flow.validate_parameters(params)  # as Prefect does before a run; required ones included
     assert isinstance(validated["config"], RunConfig)
     assert validated["config"] == RunConfig.model_validate(params["config"])
     assert set(params) <= set(inspect.signature(flow.fn).parameters)
 
 
+def flat(data: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    out = {}
+    for key, value in data.items():
+        out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
 def test_demo_deployments_carry_infra_configs_demo_yaml():
-    """The YAML anchor `demo` is a copy of infra/configs/demo.yaml; the two must not drift apart."""
-    demo = load_config(REPO / "infra" / "configs" / "demo.yaml")
+    """The anchor `demo` in infra/prefect.yaml is a copy of infra/configs/demo.yaml: edit both together."""
+    demo = flat(load_config(REPO / "infra" / "configs" / "demo.yaml").model_dump())
     for name in ("self-play-round", "self-play"):
-        assert RunConfig.model_validate(deployments()[name]["parameters"]["config"]) == demo, name
+        deployed = flat(RunConfig.model_validate(deployments()[name]["parameters"]["config"]).model_dump())
+        keys = deployed.keys() | demo.keys()
+        differ = {k: (deployed.get(k), demo.get(k)) for k in keys if deployed.get(k) != demo.get(k)}
+        assert differ == {}, f"{name}: (infra/prefect.yaml, infra/configs/demo.yaml) differ at {differ}"
 
 
 def test_a_bad_config_parameter_is_refused_before_the_run():
@@ -121,10 +135,11 @@ def test_pull_steps_enter_the_project_or_the_image_workdir():
     found = deployments()
     for name in ("self-play-round", "self-play"):
         (step,) = found[name]["pull"]
-        assert step["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ $AMPO_PROJECT_DIR }}"
+        directory = step["prefect.deployments.steps.set_working_directory"]["directory"]
+        assert directory == "{{ $AMPO_PROJECT_DIR }}"  # resolved on the worker when a run starts
     (step,) = found["self-play-round-gpu"]["pull"]
     workdir = step["prefect.deployments.steps.set_working_directory"]["directory"]
-    assert f"WORKDIR {workdir}\n" in DOCKERFILE.read_text()  # the image keeps the project where the pull step looks
+    assert f"WORKDIR {workdir}\n" in DOCKERFILE.read_text()  # the project is where the pull step looks
 
 
 def test_gpu_template_passes_prefects_checks_and_knows_every_job_variable():
@@ -151,7 +166,7 @@ def test_gpu_job_renders_gpu_limit_selector_env_and_volume():
     pod = job["job_manifest"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     resources = container["resources"]
-    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == 1  # an int, not "1"
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == 1  # an int
     assert container["image"] == job_variables["image"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
@@ -167,4 +182,23 @@ def test_gpu_job_renders_gpu_limit_selector_env_and_volume():
     # more GPUs is one job variable: request and limit move together
     two = render_job(gpu_template(), {**job_variables, "gpu_count": 2})
     (container,) = two["job_manifest"]["spec"]["template"]["spec"]["containers"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == container["resources"]["requests"]["nvidia.com/gpu"] == 2
+    resources = container["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == 2
+
+
+def test_process_job_variables_fit_the_process_pool():
+    from prefect.workers.process import ProcessWorker
+
+    template = ProcessWorker.get_default_base_job_template()
+    for name in ("self-play-round", "self-play"):
+        job_variables = deployments()[name]["work_pool"]["job_variables"]
+        assert unknown_job_variables(template, job_variables) == set(), name
+        jsonschema.validate(job_variables, template["variables"])
+        assert render_job(template, job_variables)["env"]["HF_HUB_OFFLINE"] == "1"  # the demo needs no hub
+
+
+def test_example_volume_claim_is_the_one_the_template_mounts():
+    claim = yaml.safe_load((REPO / "infra" / "k8s" / "data-pvc.yaml").read_text())
+    assert claim["kind"] == "PersistentVolumeClaim"
+    assert claim["metadata"]["name"] == gpu_template()["variables"]["properties"]["data_claim"]["default"]
+    assert claim["metadata"]["namespace"] == gpu_template()["variables"]["properties"]["namespace"]["default"]
