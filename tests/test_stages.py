@@ -55,6 +55,41 @@ def test_a_round_fills_the_store_and_the_registry(finished_round):
     assert (report / "start.json").is_file() and (report / "eval-candidate.json").is_file()
 
 
+def test_promotion_gates_crash_and_rollback(tmp_path):
+    """A failing gate keeps the old champion; a crash inside promotion leaves the previous champion intact."""
+    cfg = smoke_config(tmp_path, **{"prompts.per_round": 2, "eval.max_prompts": 2})
+    for name in STAGES[:-1]:
+        run_stage(name, cfg, "g", 0)
+    store = open_store(cfg)
+    assert store.champion("g")["id"] == "g-init"
+
+    strict = smoke_config(tmp_path, **{"prompts.per_round": 2, "eval.max_prompts": 2,
+                                       "eval.gates.min_reward_gain": 1e9})
+    record = run_stage("promote", strict, "g", 0)
+    assert record["gate"]["passed"] is False
+    assert any("reward gain" in r and r.endswith("FAIL") for r in record["gate"]["reasons"])
+    assert store.champion("g")["id"] == "g-init" and store.get_checkpoint("g-r0")["status"] == "rejected"
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed while swapping the champion")
+
+    original = type(store).set_champion
+    type(store).set_champion = crash
+    try:
+        with pytest.raises(RuntimeError, match="killed while swapping"):
+            run_stage("promote", cfg, "g", 0, force=True)
+    finally:
+        type(store).set_champion = original
+    assert store.champion("g")["id"] == "g-init"
+    assert store.stage_status("g", 0)["promote"]["status"] == "failed"
+    assert run_stage("promote", cfg, "g", 0)["gate"]["passed"] is True  # min_win_rate 0 in the smoke config
+    assert store.champion("g")["id"] == "g-r0"
+    statuses = {c["id"]: c["status"] for c in store.list_checkpoints("g")}
+    assert statuses == {"g-init": "retired", "g-r0": "champion"}
+    store.set_champion("g", "g-init")  # what `ampo rollback --to g-init` does
+    assert {c["id"]: c["status"] for c in store.list_checkpoints("g")} == {"g-init": "champion", "g-r0": "retired"}
+
+
 def test_finished_stages_are_skipped_and_forced_reruns_change_nothing(finished_round):
     cfg, _ = finished_round
     store = open_store(cfg)

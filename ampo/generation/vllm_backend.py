@@ -50,8 +50,10 @@ class VLLMGenerator(Generator):
         if self.device == "cpu":
             for key, value in CPU_ENV.items():
                 os.environ.setdefault(key, value)  # read by vllm at import time
+        import torch
         from vllm import LLM
 
+        self._torch_threads = torch.get_num_threads()  # the CPU engine lowers it for serving; close() restores it
         self.llm = LLM(model=model_path, **engine_args(cfg, runtime, self.device, max_model_len))
         self.tokenizer = self.llm.get_tokenizer()
 
@@ -99,6 +101,9 @@ class VLLMGenerator(Generator):
         self.llm = None
         gc.collect()
         cleanup_dist_env_and_memory()
+        import torch
+
+        torch.set_num_threads(self._torch_threads)  # later stages in this process (ref log-probs, training) use all cores
 
 
 def engine_args(

@@ -157,9 +157,10 @@ def select(ctx: RoundContext) -> dict:
             roles.extend([role] * len(local))
             clusters.extend(s.clusters[j] if s.clusters is not None else None for j in local)
     ctx.store.set_selection(ctx.run, ctx.round, ids, roles, selector=sel.method, clusters=clusters)
+    tag = ctx.store.tag_round(ctx.run, ctx.round)  # the selected state, checkable out now; promote moves it last
     skipped = count_skipped(selections)
     if skipped:
         log.warning("%d of %d prompts yielded no preference group (%s)", skipped, len(selections),
                     next(s.skipped_reason for s in selections if s.skipped))
     return {"prompts": len(pools), "groups": len(selections) - skipped, "skipped_prompts": skipped,
-            "selected": len(ids), "excluded_responses": pools.n_excluded}  # fmt: skip
+            "selected": len(ids), "excluded_responses": pools.n_excluded, "tag": tag}  # fmt: skip
