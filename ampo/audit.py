@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from ampo.store import Store
-from ampo.store import filters
+from ampo.store import Store, filters
 from ampo.store.tables import scan
 
 

@@ -284,7 +284,7 @@ def _print_round_table(cfg, run: str, round_: int, config_path: Path) -> None:
 
     store = open_store(cfg)
     status = store.stage_status(run, round_)
-    counts = lambda s: (status.get(s) or {}).get("counts") or {}  # noqa: E731
+    counts = lambda s: (status.get(s) or {}).get("counts") or {}
     metrics = (status.get("evaluate") or {}).get("metrics") or {}
     gate = (status.get("promote") or {}).get("gate") or {}
     table = Table("round", "prompts", "responses", "selected", "reward before", "reward after", "win rate", "gate",

@@ -50,6 +50,7 @@ class GenerationConfig(_Frozen):
     tensor_parallel_size: int = Field(1, ge=1)  # vLLM only
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)  # vLLM only
     enforce_eager: bool = False  # vLLM; always eager on CPU
+    max_model_len: int | None = Field(None, ge=16)  # vLLM context (prompt + response); None: the model's own
 
 
 class RewardComponent(_Frozen):
@@ -145,6 +146,7 @@ class TrainConfig(_Frozen):
     max_prompt_length: int = Field(1800, ge=4)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
     gradient_checkpointing: bool = False
+    forward_mode: Literal["padded", "prefix_shared"] = "padded"  # prefix_shared: a prompt's KV computed once for its K responses
     lora: LoraConfig | None = None
     reference: Literal["champion", "initial"] = "champion"  # whose log-probs the ref stage stores
     save_every: int = Field(0, ge=0)  # optimizer steps between resumable states; 0 = once per epoch

@@ -98,7 +98,7 @@ def resolve_dtype(dtype: str, device: str) -> str:
 def _make_vllm(model_path: str, cfg: GenerationConfig, runtime: RuntimeConfig) -> Generator:
     from ampo.generation.vllm_backend import VLLMGenerator
 
-    return VLLMGenerator(model_path, cfg, runtime)
+    return VLLMGenerator(model_path, cfg, runtime, max_model_len=cfg.max_model_len)
 
 
 def _make_transformers(model_path: str, cfg: GenerationConfig, runtime: RuntimeConfig) -> Generator:

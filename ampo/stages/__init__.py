@@ -18,13 +18,13 @@ from collections.abc import Callable
 
 from ampo.config import RunConfig, validate_run_id
 from ampo.schema import STAGES, check_round
-from ampo.store import filters
-from ampo.store.tables import scan
 from ampo.stages.context import Progress, RoundContext, open_store, round_dir, run_dir, write_json_atomic
 from ampo.stages.data import embed, generate, score, select
 from ampo.stages.gate import StageResult, evaluate, promote
 from ampo.stages.learn import reflogps, train
 from ampo.stages.report import round_outcome, write_round_report
+from ampo.store import filters
+from ampo.store.tables import scan
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ STAGE_FUNCTIONS: dict[str, Callable[[RoundContext], dict | StageResult]] = {
 assert tuple(STAGE_FUNCTIONS) == STAGES, "the stage table and the schema's stage order must agree"
 ISOLATED_STAGES = frozenset({"generate", "score", "embed", "reflogps", "train", "evaluate"})  # load models
 
-__all__ = ["STAGES", "STAGE_FUNCTIONS", "next_round", "run_stage", "run_stage_isolated", "round_outcome",
-           "write_round_report", "is_transient"]  # fmt: skip
+__all__ = ["STAGES", "STAGE_FUNCTIONS", "StageProcessError", "StageResult", "is_transient", "next_round",
+           "round_dir", "round_outcome", "run_stage", "run_stage_isolated", "write_round_report"]  # fmt: skip
 
 
 def run_stage(name: str, cfg: RunConfig, run: str, round_: int, *, force: bool = False,
@@ -85,10 +85,10 @@ def run_stage_isolated(name: str, cfg: RunConfig, run: str, round_: int, *, prog
     config_path = write_json_atomic(run_dir(cfg, run) / "config.json", cfg.model_dump(mode="json"))
     cmd = [sys.executable, "-m", "ampo.cli", "stage", name, "--config", str(config_path), "--run", run,
            "--round", str(round_)]  # fmt: skip
-    proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, check=False)  # its logs and progress stream to this process's terminal
     if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-        raise StageProcessError(f"stage {name!r} failed in its process (exit {proc.returncode}): {tail[0]}")
+        message = store.stage_status(run, round_).get(name, {}).get("message") or "see its log above"
+        raise StageProcessError(f"stage {name!r} failed in its process (exit {proc.returncode}): {message}")
     return {**store.stage_status(run, round_)[name], "skipped": False}
 
 
@@ -119,5 +119,3 @@ def is_transient(exc: BaseException | object) -> bool:
         return True
     return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
 
-
-__all__ += ["round_dir", "StageResult", "StageProcessError"]

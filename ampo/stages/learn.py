@@ -49,7 +49,7 @@ def _split_by_prompt(rows):
 def forward_options(ctx: RoundContext):
     from ampo.training_data import ForwardOptions
 
-    return ForwardOptions(system_prompt=ctx.cfg.generation.system_prompt)
+    return ForwardOptions(system_prompt=ctx.cfg.generation.system_prompt, forward_mode=ctx.cfg.train.forward_mode)
 
 
 def reflogps(ctx: RoundContext) -> dict:
@@ -73,8 +73,8 @@ def reflogps(ctx: RoundContext) -> dict:
 
 def train(ctx: RoundContext) -> dict:
     """Train the round's starting champion on its selected groups; register the result as a candidate."""
-    from ampo.losses import LOSSES
     from ampo.checkpoints import load_checkpoint_manifest
+    from ampo.losses import LOSSES
     from ampo.trainer import TrainSpec, launch_command, run_spec
     from ampo.training_data import save_groups
 
@@ -90,7 +90,7 @@ def train(ctx: RoundContext) -> dict:
                      output_dir=str(out), loss=cfg.loss, train=cfg.train, runtime=cfg.runtime,
                      manifest_extra={"id": ckpt_id, "parent": ctx.start["id"], "run": ctx.run,
                                      "round": ctx.round, "data_version": ctx.store.version},
-                     system_prompt=cfg.generation.system_prompt)  # fmt: skip
+                     system_prompt=cfg.generation.system_prompt, forward_mode=cfg.train.forward_mode)  # fmt: skip
     if cfg.runtime.launcher == "accelerate":
         spec_path = write_json_atomic(ctx.dir / "train-spec.json", spec.model_dump(mode="json"))
         subprocess.run(launch_command(spec_path, cfg.runtime), check=True)
