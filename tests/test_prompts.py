@@ -261,7 +261,7 @@ def test_eval_prompts_gives_each_source_separately(tmp_path):
     assert [p.prompt_id for p in out["jsonl"]] == ["p0", "p1", "p2"]
     assert [p.prompt_id for p in out["ifbench"]] == ["ifbench-0", "ifbench-1", "ifbench-2"]
     with pytest.raises(ValueError, match="needs prompts.heldout > 0"):
-        eval_prompts(EvalConfig(sources=["heldout"]), PromptsConfig())
+        eval_prompts(EvalConfig(sources=["heldout"]), PromptsConfig(heldout=0))
     with pytest.raises(ValueError, match="needs eval.path"):
         eval_prompts(EvalConfig(sources=["jsonl"]), PromptsConfig())
 
