@@ -293,7 +293,7 @@ def _print_round_table(cfg, run: str, round_: int, config_path: Path) -> None:
                   str(counts("select").get("selected", "-")), _cell(metrics.get("champion/mean_reward")),
                   _cell(metrics.get("candidate/mean_reward")), _cell(metrics.get("eval/win_rate")),
                   "promoted" if gate.get("passed") else "rejected")
-    console = Console()
+    console = Console(width=max(Console().width, 120))  # the table and the commands stay unwrapped in logs
     console.print(table)
     for reason in gate.get("reasons", []):
         console.print(f"  gate: {reason}")

@@ -23,9 +23,9 @@ for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "LANCE_LO
                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}.items():
     os.environ.setdefault(key, value)
 
-from ampo.config import load_config  # noqa: E402
-from ampo.stages import STAGES, run_stage  # noqa: E402
-from ampo.stages.context import open_store  # noqa: E402
+from ampo.config import load_config
+from ampo.stages import STAGES, run_stage
+from ampo.stages.context import open_store
 
 
 def stage_seconds(cfg, run: str) -> dict[str, float]:
