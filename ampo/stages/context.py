@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from ampo.config import RunConfig
@@ -15,7 +15,13 @@ Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 
 def open_store(cfg: RunConfig) -> Store:
-    return Store(cfg.store.uri, cfg.embedding.dim)
+    """The store of a config, opened once per process (every read sees the latest commit of any writer)."""
+    return _store(cfg.store.uri, cfg.embedding.dim)
+
+
+@lru_cache(maxsize=8)
+def _store(uri: str, dim: int) -> Store:
+    return Store(uri, dim)
 
 
 def run_dir(cfg: RunConfig, run: str) -> Path:
