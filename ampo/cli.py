@@ -63,9 +63,10 @@ def demo(
     _offline_env()
     _prefect_env()
     cfg = _config(config, overrides)
-    from flows.self_play import self_play_round
+    from flows.self_play import local_flow_settings, self_play_round
 
-    result = self_play_round(cfg, run)
+    with local_flow_settings():
+        result = self_play_round(cfg, run)
     _print_round_table(cfg, run, result["round"], config)
 
 
@@ -78,9 +79,10 @@ def round_(
     """Run (or resume) one round as a Prefect flow run."""
     _prefect_env()
     cfg = _config(config, overrides)
-    from flows.self_play import self_play_round
+    from flows.self_play import local_flow_settings, self_play_round
 
-    result = self_play_round(cfg, run, round_, wait)
+    with local_flow_settings():
+        result = self_play_round(cfg, run, round_, wait)
     _print_round_table(cfg, run, result["round"], config)
 
 
@@ -93,9 +95,11 @@ def run_rounds(
     """Run N more rounds of a run as a Prefect flow run, each from the current champion."""
     _prefect_env()
     cfg = _config(config, overrides)
-    from flows.self_play import self_play
+    from flows.self_play import local_flow_settings, self_play
 
-    for result in self_play(cfg, run, rounds, wait):
+    with local_flow_settings():
+        results = self_play(cfg, run, rounds, wait)
+    for result in results:
         _print_round_table(cfg, run, result["round"], config)
 
 

@@ -75,14 +75,17 @@ def _fmt(v) -> str:
 
 def plot_reward_distribution(pool_rewards: np.ndarray, selected_rewards: np.ndarray, path: Path) -> Path:
     """Histogram of the rewards of the whole pool against the selected responses."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    bins = np.histogram_bin_edges(np.concatenate([pool_rewards, selected_rewards]) if len(pool_rewards) else [0, 1], 20)
-    ax.hist(pool_rewards, bins=bins, alpha=0.5, density=True, label=f"pool ({len(pool_rewards)})")
-    ax.hist(selected_rewards, bins=bins, alpha=0.6, density=True, label=f"selected ({len(selected_rewards)})")
+    fig = _figure(6, 3.5)
+    ax = fig.add_subplot()
+    both = np.concatenate([pool_rewards, selected_rewards]) if len(pool_rewards) else [0, 1]
+    bins = np.histogram_bin_edges(both, 20)
+    for values, alpha, name in ((pool_rewards, 0.5, "pool"), (selected_rewards, 0.6, "selected")):
+        if len(values):  # stairs: one patch per series, where hist draws one per bin
+            ax.stairs(np.histogram(values, bins, density=True)[0], bins, fill=True, alpha=alpha,
+                      label=f"{name} ({len(values)})")
     ax.set(xlabel="reward", ylabel="density", title="Reward distribution: pool vs selected")
     ax.legend()
-    return _save(fig, path)
+    return _save(fig, path, left=0.1)
 
 
 def project_2d(vectors: np.ndarray) -> np.ndarray:
@@ -99,22 +102,24 @@ def project_2d(vectors: np.ndarray) -> np.ndarray:
 
 def plot_embedding_map(vectors: np.ndarray, prompt_idx: np.ndarray, roles: np.ndarray, path: Path) -> Path:
     """2-D map of a few prompts' response embeddings; chosen as stars, rejected as crosses, the rest as dots."""
-    plt = _pyplot()
     xy = project_2d(vectors)
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig = _figure(6, 5)
+    ax = fig.add_subplot()
     for p in np.unique(prompt_idx):
         color = f"C{int(p) % 10}"
         for role, marker, size in (("", "o", 12), ("rejected", "x", 50), ("chosen", "*", 160)):
             m = (prompt_idx == p) & (roles == role)
             ax.scatter(xy[m, 0], xy[m, 1], c=color, marker=marker, s=size, alpha=0.45 if role == "" else 1.0)
     ax.set(title="Response embeddings (PCA): * chosen, x rejected", xlabel="PC1", ylabel="PC2")
-    return _save(fig, path)
+    return _save(fig, path, bottom=0.1)
 
 
 def plot_rounds(metrics: list[dict], path: Path) -> Path:
     """Evaluation metrics across rounds: mean reward of the candidate and the champion, and the win rate."""
-    plt = _pyplot()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure(9, 3.5)
+    a, b = fig.subplots(1, 2)
     rounds = [m["round"] for m in metrics]
     a.plot(rounds, [m.get("champion_reward") for m in metrics], "o-", label="champion")
     a.plot(rounds, [m.get("candidate_reward") for m in metrics], "s--", label="candidate")
@@ -123,25 +128,23 @@ def plot_rounds(metrics: list[dict], path: Path) -> Path:
     b.plot(rounds, [m.get("win_rate") for m in metrics], "o-")
     b.axhline(0.5, color="grey", lw=0.8)
     b.set(xlabel="round", ylabel="win rate vs champion", title="Head-to-head", ylim=(0, 1))
-    return _save(fig, path)
+    for axis in (a.xaxis, b.xaxis):
+        axis.set_major_locator(MaxNLocator(integer=True))
+    return _save(fig, path, left=0.08, wspace=0.3)
 
 
-def _pyplot():
-    import matplotlib
+def _figure(width: float, height: float):
+    """A figure of matplotlib's object API: no pyplot, no global figure registry, no GUI backend."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=(width, height))
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, *, left=0.12, bottom=0.14, wspace=None) -> Path:
+    """PNG at 100 dpi. Fixed margins that fit the labels above: tight_layout measured every tick label
+    twice and cost more than drawing the figure (about 0.15 s per plot)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    fig.clf()
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    fig.subplots_adjust(left=left, right=0.97, bottom=bottom, top=0.9, wspace=wspace)
+    fig.savefig(path, dpi=100)
     return path

@@ -6,7 +6,8 @@ Runs an untimed warm-up round first (imports, model builds), then the round twic
 fresh store: once as plain `run_stage` calls plus the round report (the baseline, no Prefect) and once as the
 Prefect flow on the temporary local server (started before timing). For each: wall time, the seconds the stages
 recorded, and what is left (orchestration, store bookkeeping, the report); Prefect's own cost is the difference
-of the two wall times.
+of the two wall times. That cost is then split by two empty flows timed in the same process: one with no task
+(Prefect's fixed cost per flow run) and one with as many no-op tasks as the round has (its cost per task).
 """
 
 from __future__ import annotations
@@ -48,16 +49,61 @@ def plain(cfg) -> float:
 def with_prefect(cfg) -> float:
     from prefect import flow
 
-    from flows.self_play import self_play_round
+    from flows.self_play import local_flow_settings, self_play_round
 
     @flow
     def warm_up() -> int:
         return 1
 
     warm_up()  # starts the temporary server outside the timed region
-    start = time.perf_counter()
-    self_play_round(cfg, "bench", 0)
-    return time.perf_counter() - start
+    settle()
+    with local_flow_settings():  # as `ampo round` runs it
+        start = time.perf_counter()
+        self_play_round(cfg, "bench", 0)
+        return time.perf_counter() - start
+
+
+SETTLE_S = 5.0
+
+
+def settle() -> None:
+    """Wait for the temporary server to finish persisting the previous flow run's events. A flow run created
+    while it does gets a 503 ("database is locked" from the server's SQLite) and Prefect's client retries it
+    after about 2 s: a cost of back-to-back flow runs on the temporary server, not of a round."""
+    time.sleep(SETTLE_S)
+
+
+def prefect_fixed_costs(tasks: int, repeats: int = 3) -> tuple[float, float]:
+    """Seconds of an empty flow run, and of one more no-op task in a flow: each the minimum of `repeats`."""
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+
+    @task(cache_policy=NO_CACHE)
+    def nothing(i: int) -> int:
+        return i
+
+    @flow
+    def empty() -> int:
+        return 0
+
+    @flow
+    def with_tasks() -> int:
+        return sum(nothing(i) for i in range(tasks))
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            settle()
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    from flows.self_play import local_flow_settings
+
+    with local_flow_settings():
+        empty_s = best(empty)
+        return empty_s, (best(with_tasks) - empty_s) / tasks
 
 
 def main() -> None:
@@ -83,6 +129,10 @@ def main() -> None:
               f"= {100 * (wall - inside) / wall:.1f}% (goal < 10%)")
     print(f"\nPrefect flow / plain wall-time ratio: {rows[1][1] / rows[0][1]:.2f}; Prefect's own cost "
           f"{rows[1][1] - rows[0][1]:.1f} s = {100 * (rows[1][1] - rows[0][1]) / rows[1][1]:.1f}% of the flow's wall time")
+    tasks = len(STAGES) + 1  # the stages and the report
+    per_flow, per_task = prefect_fixed_costs(tasks)
+    print(f"Prefect, measured on empty flows: {per_flow:.2f} s per flow run + {1000 * per_task:.0f} ms per task "
+          f"x {tasks} tasks = {per_flow + tasks * per_task:.2f} s")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from prefect import flow
 
 from ampo import stages
@@ -31,3 +34,18 @@ def self_play(config: RunConfig, run_id: str, rounds: int = 1, wait_s: float = 0
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     return [self_play_round(config, run_id, None, wait_s) for _ in range(rounds)]
+
+
+@contextmanager
+def local_flow_settings() -> Iterator[None]:
+    """Settings for calling the flows in this process. With no PREFECT_API_URL they run on Prefect's temporary
+    server, which lives and dies with this process: its crash-detection heartbeats have no one to warn, and
+    joining the heartbeat thread (it sleeps in 1-s steps) adds up to a second to every flow run. Heartbeats
+    stay on whenever a real server is configured."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield

@@ -202,3 +202,16 @@ def test_example_volume_claim_is_the_one_the_template_mounts():
     assert claim["kind"] == "PersistentVolumeClaim"
     assert claim["metadata"]["name"] == gpu_template()["variables"]["properties"]["data_claim"]["default"]
     assert claim["metadata"]["namespace"] == gpu_template()["variables"]["properties"]["namespace"]["default"]
+
+
+def test_local_flow_settings_drop_heartbeats_only_without_a_server():
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: None, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 180}):
+        with flows.self_play.local_flow_settings():  # the temporary in-process server: no one to warn
+            assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() is None
+        assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == 180
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api",
+                                     PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 180}):  # fmt: skip
+        with flows.self_play.local_flow_settings():  # a real server detects crashed runs by them: kept
+            assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == 180

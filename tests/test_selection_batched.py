@@ -199,3 +199,33 @@ def test_bad_values_name_the_prompt():
         ValueError, match=r"padded input needs rewards \(B, Nmax\) and embeddings \(B, Nmax, d\)"
     ):
         select_batch("bottomk", r, e[:, :5], 2)
+
+
+def test_fast_finiteness_screen_never_passes_a_bad_value():
+    from ampo.selection.batched import all_finite_fast
+
+    rng = np.random.default_rng(9)
+    e = rng.standard_normal((5, 6, 4)).astype(np.float32)
+    assert all_finite_fast(e) and all_finite_fast(np.arange(6).reshape(2, 3))
+    for bad in (np.nan, np.inf, -np.inf):
+        spoiled = e.copy()
+        spoiled[4, 5, 3] = bad  # the very last entry: the screen reads everything
+        assert not all_finite_fast(spoiled)
+    both = e.copy()
+    both[0, 0, 0], both[1, 0, 0] = np.inf, -np.inf  # inf + (-inf) = nan: still caught
+    assert not all_finite_fast(both)
+    # finite values whose sum overflows float32 (2 * 3e38 > 3.4e38): a false alarm, which the exact scan clears
+    huge = np.full((2, 6, 4), 3e38, np.float32)
+    assert not all_finite_fast(huge) and np.isfinite(huge).all()
+    out = select_batch("bottomk", np.arange(12.0).reshape(2, 6), huge, 2)
+    assert [s.rejected for s in out] == [[0, 1], [0, 1]]  # rewards 0..5 per pool: best 5, two lowest 0, 1
+    # a non-contiguous view is left to the exact scan rather than copied
+    assert not all_finite_fast(e[:, ::2])
+    r = np.arange(30.0).reshape(5, 6)
+    spoiled = e.copy()
+    spoiled[2, 1, 0] = np.nan
+    with pytest.raises(ValueError, match=r"prompt 2: embeddings must be finite; embeddings\[1, 0\]=nan"):
+        select_batch("bottomk", r, spoiled, 2)
+    spoiled_padding = e.copy()
+    spoiled_padding[2, 5, :] = np.nan  # padding of a pool of 5: ignored
+    assert len(select_batch("bottomk", r, spoiled_padding, 2, lengths=[6, 6, 5, 6, 6])) == 5

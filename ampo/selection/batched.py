@@ -274,12 +274,29 @@ def gather(values, prompts: np.ndarray, n: int, dtype) -> np.ndarray:
     return np.asarray(np.asarray(values)[prompts, :n], dtype=dtype)
 
 
+def all_finite_fast(values: np.ndarray) -> bool:
+    """True only if every entry is finite; False may be a false alarm (the caller then scans exactly).
+
+    NaN and inf propagate through a sum, so a finite sum proves every entry finite; an overflow of finite
+    entries gives a non-finite sum, a false alarm only. One SIMD sum reads the array about 1.5x faster than
+    isfinite(...).all(), which also writes a boolean temporary of the same length."""
+    if values.dtype.kind in "iub":
+        return True
+    if values.dtype.kind not in "fc" or not values.flags.c_contiguous:
+        return False  # the exact scan decides, without a flattening copy
+    flat = values.reshape(-1)
+    step = 1 << 22
+    return all(np.isfinite(flat[i : i + step].sum()) for i in range(0, flat.size, step))
+
+
 def check_finite_embeddings(embeddings, sizes: np.ndarray) -> None:
     """Every pool's embeddings are finite (padding ignored), else a ValueError naming the first bad prompt.
     One pass over views of the input: no copies, even for the methods that never read the embeddings."""
     if isinstance(embeddings, (list, tuple)):
         bad = [p for p, e in enumerate(embeddings) if not np.isfinite(e).all()]
-    else:
+    elif all_finite_fast(np.asarray(embeddings)):
+        return
+    else:  # something is not finite, maybe only padding: find the first prompt whose pool has it
         e, bad = np.asarray(embeddings), []
         step = rows_per_step(e.shape[1] * e.shape[2])
         for start in range(0, len(e), step):
