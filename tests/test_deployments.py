@@ -211,7 +211,6 @@ def test_local_flow_settings_drop_heartbeats_only_without_a_server():
         with flows.self_play.local_flow_settings():  # the temporary in-process server: no one to warn
             assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() is None
         assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == 180
-    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api",
-                                     PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 180}):  # fmt: skip
-        with flows.self_play.local_flow_settings():  # a real server detects crashed runs by them: kept
-            assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == 180
+    server = {PREFECT_API_URL: "http://127.0.0.1:4200/api", PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 180}
+    with temporary_settings(updates=server), flows.self_play.local_flow_settings():
+        assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == 180  # a real server detects crashed runs by them
