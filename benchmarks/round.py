@@ -1,6 +1,8 @@
 """Wall time of one smoke round by stage, and the share spent outside the stages (orchestration and store).
 
-    .venv/bin/python benchmarks/round.py [--config infra/configs/smoke.yaml]
+    .venv/bin/python benchmarks/round.py [--config infra/configs/smoke.yaml] [--set key.path=value ...]
+
+(--set as in `ampo round`, e.g. --set prompts.per_round=96 --set eval.max_prompts=48 for a larger smoke round.)
 
 Runs an untimed warm-up round first (imports, model builds), then the round twice in the same process, each on a
 fresh store: once as plain `run_stage` calls plus the round report (the baseline, no Prefect) and once as the
@@ -25,6 +27,8 @@ for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "LANCE_LO
                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}.items():
     os.environ.setdefault(key, value)
+
+import yaml
 
 from ampo.config import load_config
 from ampo.stages import STAGES, run_stage
@@ -109,13 +113,21 @@ def prefect_fixed_costs(tasks: int, repeats: int = 3) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "infra" / "configs" / "smoke.yaml"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, as in `ampo round --set`")
     args = parser.parse_args()
+    overrides = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected key.path=value")
+        overrides[key.strip()] = yaml.safe_load(value)
     with tempfile.TemporaryDirectory() as tmp:  # warm-up, untimed
-        plain(load_config(args.config, {"store.uri": f"{tmp}/store", "runtime.workdir": f"{tmp}/work"}))
+        plain(load_config(args.config, {**overrides, "store.uri": f"{tmp}/store", "runtime.workdir": f"{tmp}/work"}))
     rows = []
     for label, runner in (("plain run_stage (baseline)", plain), ("Prefect flow", with_prefect)):
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = load_config(args.config, {"store.uri": f"{tmp}/store", "runtime.workdir": f"{tmp}/work"})
+            cfg = load_config(args.config, {**overrides, "store.uri": f"{tmp}/store", "runtime.workdir": f"{tmp}/work"})
             wall = runner(cfg)
             stages = stage_seconds(cfg, "bench")
             rows.append((label, wall, stages))
