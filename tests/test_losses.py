@@ -152,6 +152,33 @@ def test_mpo_with_two_members_equals_dpo():
     close(mpo_loss(policy, ref, torch.randn(6, 2), chosen, beta=0.1), dpo_loss(pc, pr, rc, rr, beta=0.1), tol=1e-5)
 
 
+def test_dominant_positives_keep_full_relative_precision():
+    # margin 12: DPO = softplus(-12) = log(1 + e^-12) = 6.1442e-6; MPO with K=2 must give the same, not the
+    # difference LSE(Y) - LSE(Y+) = (-30 + 6.1e-6) - (-30), which fp32 rounds to 5.72e-6 (a 7% error)
+    exact = math.log1p(math.exp(-12.0))
+    got = mpo_loss(T([[-30.0, -42.0]]), torch.zeros(1, 2), T([[1.0, 0.0]]), T([[True, False]]), beta=1.0)
+    assert abs(got.item() - exact) / exact < 1e-6
+    # AMPO, gamma=3, beta=10 on length-normalised log-probs [-1, -2, -3] (member 0 chosen):
+    # softplus(log 3 + LSE(-20, -30) - (-10)) = log(1 + 3 (e^-10 + e^-20)) = 1.36200e-4
+    exact = math.log1p(3 * (math.exp(-10.0) + math.exp(-20.0)))
+    got = ampo_loss(T([[-1.0, -2.0, -3.0]]), T([[3.0, 2.0, 1.0]]), T([[True, False, False]]))
+    assert abs(got.item() - exact) / exact < 1e-6
+
+
+def test_float64_stays_float64_and_passes_gradcheck():
+    torch.manual_seed(5)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, 4, dtype=torch.float64)
+    chosen = T([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0]]).bool()
+    valid = T([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]]).bool()
+    assert ampo_loss(x, r, chosen).dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda p: ampo_loss(p, r, chosen, alpha=0.5, valid_mask=valid), (x,))
+    assert torch.autograd.gradcheck(
+        lambda p: mpo_loss(p, torch.zeros_like(p), r, chosen, beta=0.5, alpha=0.3, weight_mode="signed",
+                           valid_mask=valid), (x,))  # fmt: skip
+    assert torch.autograd.gradcheck(lambda p: dpo_loss(p[:, 0], p[:, 1], p[:, 2], p[:, 3], beta=0.7), (x,))
+
+
 def _closed_form_grad(z, pos, valid, log_gamma=0.0):
     """dL/dz = softmax_Y(z + log γ 1[Y-]) - 1[Y+] softmax_{Y+}(z): REFA Lemma 3; γ shifts the negatives' logits."""
     shifted = torch.where(pos, z, z + log_gamma)
