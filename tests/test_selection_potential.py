@@ -48,8 +48,11 @@ def test_selection_invariant_to_affine_rescaling_of_rm_margin():
 def test_top_fraction_order_and_ties():
     # int(.5 * 4) = 2 kept; ascending score order, last is best
     assert top_fraction(np.array([0.1, 0.9, 0.5, 0.3]), 0.5).tolist() == [2, 1]
-    # tie at the boundary: scores 3 at 0, 2, 3 -> the lower indices 0 and 2 are kept, 0 last (best by index)
-    assert top_fraction(np.array([3.0, 1, 3, 3]), 0.5).tolist() == [2, 0]
+    # tie at the boundary: the stable ascending sort of [3, 1, 3, 3] is indices [1, 0, 2, 3] (the tied 3s by
+    # index), and its last two are kept: [2, 3]
+    assert top_fraction(np.array([3.0, 1, 3, 3]), 0.5).tolist() == [2, 3]
+    # [1, 2, 2, 2, 0, 2], half: stable ascending order [4, 0, 1, 2, 3, 5] -> last three [2, 3, 5]
+    assert top_fraction(np.array([1.0, 2, 2, 2, 0, 2]), 0.5).tolist() == [2, 3, 5]
     assert top_fraction(np.array([3.0, 1, 3, 3]), 0.0).tolist() == []
     assert top_fraction(np.arange(7.0), 0.3).tolist() == [5, 6]  # int(2.1) = 2
 

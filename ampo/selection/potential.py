@@ -41,9 +41,9 @@ def alignment_potential(rm_margin, logp_margin_abs, *, logp_weight: float = 1.0)
 
 
 def top_fraction(scores, fraction: float) -> np.ndarray:
-    """The int(fraction * n) highest scores, in ascending score order (last is best), like the reference's
-    `np.argsort(scores)[-K:]`. Ties keep the lower index (the reference's unstable argsort leaves them
-    undefined, spec A14). (n,) -> (K,) indices.
+    """The int(fraction * n) highest scores, in ascending score order (last is best): exactly
+    `np.argsort(scores, kind="stable")[-K:]`, the reference's `np.argsort(scores)[-K:]` made stable as spec A14
+    asks. Tied scores sort by index, so at the cut-off the higher indices are kept. (n,) -> (K,) indices.
     """
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim != 1 or not np.isfinite(s).all():
@@ -51,8 +51,7 @@ def top_fraction(scores, fraction: float) -> np.ndarray:
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction={fraction!r} must lie in [0, 1]")
     keep = int(fraction * len(s))
-    best_first = np.lexsort((np.arange(len(s)), -s))  # by score descending, then index ascending
-    return best_first[:keep][::-1].copy()
+    return np.argsort(s, kind="stable")[len(s) - keep :]
 
 
 def pair_margins(rewards, logps) -> dict[str, np.ndarray]:
