@@ -28,8 +28,18 @@ def _valid(valid_mask: Tensor | None, like: Tensor) -> Tensor:
     """`valid_mask` as a bool (B, M) tensor; all True when None."""
     if valid_mask is None:
         return torch.ones_like(like, dtype=torch.bool)
-    assert valid_mask.shape == like.shape, f"valid_mask {tuple(valid_mask.shape)} != {tuple(like.shape)}"
+    if valid_mask.shape != like.shape:
+        raise ValueError(f"valid_mask has shape {tuple(valid_mask.shape)}; it must match {tuple(like.shape)}")
     return valid_mask.bool()
+
+
+def _check_shapes(ndim: int, **tensors: Tensor) -> None:
+    """Every tensor has `ndim` dims and the same shape: (B,) pairs or (B, M) groups. No silent broadcasting."""
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    first = next(iter(shapes.values()))
+    if len(first) != ndim or any(shape != first for shape in shapes.values()):
+        layout = "(B,)" if ndim == 1 else "(B, M)"
+        raise ValueError(f"inputs must all have one shape {layout}; got {shapes}")
 
 
 def _clean(x: Tensor, valid: Tensor) -> Tensor:
@@ -137,6 +147,8 @@ def dpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Ten
              *, beta: float) -> Tensor:
     """DPO (Rafailov et al. 2023, Eq. 7). Inputs: summed sequence log-probs, (B,). Returns (B,)."""
     _check_positive(beta=beta)
+    _check_shapes(1, chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
+                  ref_rejected_logps=ref_rejected_logps)  # fmt: skip
     logits = (_wide(chosen_logps) - _wide(ref_chosen_logps)) - (_wide(rejected_logps) - _wide(ref_rejected_logps))
     return -F.logsigmoid(beta * logits)
 
@@ -147,6 +159,7 @@ def simpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, *, beta: float, gam
     γ is given as γ/β (`gamma_beta_ratio`), as in SimPO's configs (spec 4.2).
     """
     _check_positive(beta=beta)
+    _check_shapes(1, chosen_logps=chosen_logps, rejected_logps=rejected_logps)
     return -F.logsigmoid(beta * (_wide(chosen_logps) - _wide(rejected_logps) - gamma_beta_ratio))
 
 
@@ -171,6 +184,7 @@ def mpo_loss(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor, chosen_ma
     Skipped groups (empty Y+ or Y-) give 0; see `group_is_trainable`.
     """
     _check_positive(beta=beta)
+    _check_shapes(2, policy_logps=policy_logps, ref_logps=ref_logps, rewards=rewards, chosen_mask=chosen_mask)
     if weight_mode not in DEVIATIONS:
         raise ValueError(f"unknown weight_mode {weight_mode!r}; choose from {sorted(DEVIATIONS)}")
     if weight_mode == "pow" and p not in (1, 2):
@@ -192,6 +206,7 @@ def ampo_loss(policy_logps: Tensor, rewards: Tensor, chosen_mask: Tensor, *, bet
     Y+ may hold one member (AMPO, 1-vs-k) or several (REFA-Dynamic). Skipped groups give 0.
     """
     _check_positive(beta=beta, gamma=gamma)
+    _check_shapes(2, policy_logps=policy_logps, rewards=rewards, chosen_mask=chosen_mask)
     valid = _valid(valid_mask, policy_logps)
     r = _clean(rewards, valid)  # (B, M)
     d = r - _masked_mean(r, valid)  # (B, M) signed deviation (A1: signed for REFA/AMPO)
@@ -208,6 +223,7 @@ def infonca_loss(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor, valid
     members: L = -Σ_i softmax(r/α)_i · log softmax(z)_i. Groups with fewer than 2 valid members give 0.
     """
     _check_positive(beta=beta, alpha=alpha)
+    _check_shapes(2, policy_logps=policy_logps, ref_logps=ref_logps, rewards=rewards)
     valid = _valid(valid_mask, policy_logps)
     trainable = valid.sum(-1) >= 2  # (B,)
     mask = torch.where(trainable[:, None], valid, True)  # (B, M) skipped groups: harmless all-True

@@ -354,3 +354,15 @@ def test_bad_hyperparameters_raise():
         mpo_loss(lp, lp, r, c, beta=1.0, weight_mode="pow", p=3)
     with pytest.raises(ValueError, match="lam=-1"):
         eos_regularizer(lp, lp, lam=-1.0)
+
+
+def test_mismatched_shapes_are_refused_not_broadcast():
+    lp, r = torch.zeros(2, 3), torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"inputs must all have one shape \(B, M\); got .*'chosen_mask': \(3,\)"):
+        ampo_loss(lp, r, T([True, False, False]))  # (M,) would broadcast over the batch
+    with pytest.raises(ValueError, match=r"valid_mask has shape \(3,\); it must match \(2, 3\)"):
+        mpo_loss(lp, lp, r, lp.bool(), beta=0.1, valid_mask=T([True, True, False]))
+    with pytest.raises(ValueError, match=r"one shape \(B,\)"):
+        dpo_loss(torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(1), beta=0.1)
+    with pytest.raises(ValueError, match=r"one shape \(B, M\)"):
+        infonca_loss(lp, lp[:, :2], r, beta=0.1)
