@@ -115,7 +115,7 @@ class SelectionConfig(_Frozen):
 
 
 class LossConfig(_Frozen):
-    name: Literal["ampo", "mpo", "dpo", "simpo", "infonca"] = "ampo"
+    name: Literal["ampo", "mpo", "dpo", "simpo", "infonca", "refa_infonca"] = "ampo"
     beta: float | None = Field(None, gt=0.0)  # None: the loss's own default (ampo 10, simpo 10, dpo/mpo 0.1)
     gamma: float = Field(3.0, gt=0.0)  # ampo: weight of the negative set (REFA eq. 6; spec 3.4)
     alpha: float = 0.0  # deviation weighting; 0 = unweighted

@@ -215,19 +215,24 @@ def ampo_loss(policy_logps: Tensor, rewards: Tensor, chosen_mask: Tensor, *, bet
     return _set_contrast(s, chosen_mask.bool() & valid, valid, log_gamma=math.log(gamma))
 
 
-def infonca_loss(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor, valid_mask: Tensor | None = None, *,
-                 beta: float, alpha: float = 1.0) -> Tensor:
-    """InfoNCA (Chen et al. 2024, "Noise Contrastive Alignment", §3.2). Inputs (B, M): summed. Returns (B,).
+def infonca_loss(policy_logps: Tensor, ref_logps: Tensor | None, rewards: Tensor, valid_mask: Tensor | None = None,
+                 *, beta: float, alpha: float = 1.0) -> Tensor:
+    """InfoNCA (Chen et al. 2024, "Noise Contrastive Alignment", §3.2). Inputs (B, M). Returns (B,).
 
-    Cross-entropy from the reward target softmax(r/α) to the model softmax(β(logπ - logπ_ref)) over the valid
-    members: L = -Σ_i softmax(r/α)_i · log softmax(z)_i. Groups with fewer than 2 valid members give 0.
+    Cross-entropy from the reward target softmax(r/α) to the model softmax(z) over the valid members:
+    L = -Σ_i softmax(r/α)_i · log softmax(z)_i, with z = β(logπ - logπ_ref) on summed log-probs (NCA), or,
+    with `ref_logps=None`, the reference-free REFA-InfoNCA score z = β·logp_bar on length-normalised log-probs
+    (REFA §2.5 tables; registered as "refa_infonca"). Groups with fewer than 2 valid members give 0.
     """
     _check_positive(beta=beta, alpha=alpha)
-    _check_shapes(2, policy_logps=policy_logps, ref_logps=ref_logps, rewards=rewards)
+    refs = {} if ref_logps is None else {"ref_logps": ref_logps}
+    _check_shapes(2, policy_logps=policy_logps, rewards=rewards, **refs)
     valid = _valid(valid_mask, policy_logps)
     trainable = valid.sum(-1) >= 2  # (B,)
     mask = torch.where(trainable[:, None], valid, True)  # (B, M) skipped groups: harmless all-True
-    z = beta * (_clean(policy_logps, valid) - _clean(ref_logps, valid))  # (B, M)
+    z = beta * _clean(policy_logps, valid)  # (B, M)
+    if ref_logps is not None:
+        z = z - beta * _clean(ref_logps, valid)
     t = _clean(rewards, valid) / alpha
     log_model = z - _masked_logsumexp(z, mask)[:, None]  # (B, M)
     target = torch.where(mask, t - _masked_logsumexp(t, mask)[:, None], -math.inf).exp()  # (B, M), 0 off-mask
@@ -314,6 +319,10 @@ def _infonca_from_batch(batch: GroupBatch, **params) -> Tensor:
     return infonca_loss(batch.policy_logps_sum, batch.ref_logps_sum, batch.rewards, batch.valid_mask, **params)
 
 
+def _refa_infonca_from_batch(batch: GroupBatch, **params) -> Tensor:
+    return infonca_loss(batch.policy_logps_mean, None, batch.rewards, batch.valid_mask, **params)
+
+
 def _has_both_sets(batch: GroupBatch) -> Tensor:
     return group_is_trainable(batch.chosen_mask, batch.valid_mask)
 
@@ -340,6 +349,8 @@ LOSSES: dict[str, LossSpec] = {
     "ampo": LossSpec(_ampo_from_batch, needs_ref=False, logps="mean", pairwise=False),
     "infonca": LossSpec(_infonca_from_batch, needs_ref=True, logps="sum", pairwise=False,
                         trainable=_has_two_members),
+    "refa_infonca": LossSpec(_refa_infonca_from_batch, needs_ref=False, logps="mean", pairwise=False,
+                             trainable=_has_two_members),
 }
 
 

@@ -65,7 +65,8 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- the loss, from config
 
-DEFAULT_BETA = {"ampo": 10.0, "simpo": 10.0, "dpo": 0.1, "mpo": 0.1, "infonca": 0.1}  # spec 2.3, 2.5, 4.2
+DEFAULT_BETA = {"ampo": 10.0, "simpo": 10.0, "dpo": 0.1, "mpo": 0.1, "infonca": 0.1,
+                "refa_infonca": 10.0}  # spec 2.3, 2.5 (REFA Table 4, on-policy Llama-3-8B-Instruct), 4.2
 
 LOSS_PARAMS: dict[str, Callable[[LossConfig, float], dict]] = {  # LossConfig -> the loss's keyword arguments
     "ampo": lambda c, beta: {"beta": beta, "gamma": c.gamma, "alpha": c.alpha,
@@ -75,6 +76,7 @@ LOSS_PARAMS: dict[str, Callable[[LossConfig, float], dict]] = {  # LossConfig ->
     "simpo": lambda c, beta: {"beta": beta, "gamma_beta_ratio": c.gamma_beta_ratio},
     # InfoNCA's alpha is the reward temperature of its target softmax(r/alpha), so 0 ("unweighted") means 1.
     "infonca": lambda c, beta: {"beta": beta, "alpha": c.alpha if c.alpha > 0 else 1.0},
+    "refa_infonca": lambda c, beta: {"beta": beta, "alpha": c.alpha if c.alpha > 0 else 1.0},
 }
 
 

@@ -85,6 +85,16 @@ def test_infonca_hand_value():
     close(loss, [1.15761])
 
 
+def test_refa_infonca_is_reference_free_on_mean_logps():
+    # no reference: z = beta * lp_bar = 10 * [0.1, 0, -0.1] = [1, 0, -1], the same z as above -> 1.15761
+    loss = infonca_loss(T([[0.1, 0, -0.1]]), None, T([[math.log(2), 0, 0]]), beta=10.0, alpha=1.0)
+    close(loss, [1.15761])
+    b = GroupBatch(policy_logps_sum=T([[-5.0, -9, -2]]), policy_logps_mean=T([[0.1, 0, -0.1]]),
+                   rewards=T([[math.log(2), 0, 0]]), chosen_mask=T([[True, False, False]]),
+                   valid_mask=T([[True, True, True]]))  # fmt: skip
+    close(group_loss("refa_infonca", b, beta=10.0, alpha=1.0), [1.15761])  # reads the mean log-probs only
+
+
 def test_eos_regularizer_hand_values():
     # lengths [10, 4, 7] -> target 10, shortfall [0, 6, 3]; lam = .5:
     # group_max: .5 (.1*0 + .2*6 + .3*3) = .5 * 2.1 = 1.05;  none: .5 (.1 + .2 + .3) = 0.3
@@ -312,10 +322,10 @@ def _batch(chosen):
 
 
 def test_registry_entries_and_adapters():
-    assert sorted(LOSSES) == ["ampo", "dpo", "infonca", "mpo", "simpo"]
+    assert sorted(LOSSES) == ["ampo", "dpo", "infonca", "mpo", "refa_infonca", "simpo"]
     assert {n: (s.needs_ref, s.logps) for n, s in LOSSES.items()} == {
         "dpo": (True, "sum"), "simpo": (False, "mean"), "mpo": (True, "sum"), "ampo": (False, "mean"),
-        "infonca": (True, "sum")}
+        "infonca": (True, "sum"), "refa_infonca": (False, "mean")}
     batch = _batch(T([[False, True], [True, False]]))  # chosen is member 1, then member 0
     lp, ref = batch.policy_logps_sum, batch.ref_logps_sum
     expected = dpo_loss(T([lp[0, 1], lp[1, 0]]), T([lp[0, 0], lp[1, 1]]), T([ref[0, 1], ref[1, 0]]),

@@ -76,7 +76,8 @@ def tiny_cfg(**overrides) -> TrainConfig:
 
 
 def test_make_loss_fn_uses_each_loss_default_beta():
-    assert DEFAULT_BETA == {"ampo": 10.0, "simpo": 10.0, "dpo": 0.1, "mpo": 0.1, "infonca": 0.1}
+    assert DEFAULT_BETA == {"ampo": 10.0, "simpo": 10.0, "dpo": 0.1, "mpo": 0.1, "infonca": 0.1,
+                            "refa_infonca": 10.0}
     for name, beta in DEFAULT_BETA.items():
         assert make_loss_fn(LossConfig(name=name)).params["beta"] == beta
     assert make_loss_fn(LossConfig(name="dpo", beta=0.5)).params == {"beta": 0.5}
