@@ -150,8 +150,12 @@ def train(policy_path: str, groups: list[Group], loss_fn: LossFn, cfg: TrainConf
     """
     output_dir, runtime, options = Path(output_dir), runtime or RuntimeConfig(), options or ForwardOptions()
     check_manifest_extra(manifest_extra or {})
+    config_id = config_hash({"train": cfg.model_dump(mode="json"), "loss": loss_fn.describe(),
+                             "options": options.__dict__})  # fmt: skip
+    data_id = data_fingerprint(groups)
     if (output_dir / MANIFEST).is_file():
-        log.info("%s already has its manifest; not training again", output_dir)
+        check_finished_checkpoint(output_dir, config_id, data_id)
+        log.info("%s already has its manifest, from this config and data; not training again", output_dir)
         return result_from_checkpoint(output_dir)
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer, get_scheduler
@@ -159,6 +163,8 @@ def train(policy_path: str, groups: list[Group], loss_fn: LossFn, cfg: TrainConf
     accelerator = make_accelerator(cfg, runtime)
     set_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=runtime.trust_remote_code)
+    if LOSSES[loss_fn.name].pairwise:  # DPO/SimPO on AMPO groups: best chosen vs worst rejected, no wasted forward
+        groups = [g.best_vs_worst() for g in groups]
     tgroups, n_truncated = tokenize_groups(tokenizer, groups, max_length=cfg.max_length,
                                            max_prompt_length=cfg.max_prompt_length, options=options)
     kept = trainable_groups(tgroups, loss_fn)
@@ -173,9 +179,7 @@ def train(policy_path: str, groups: list[Group], loss_fn: LossFn, cfg: TrainConf
                               num_warmup_steps=math.ceil(cfg.warmup_ratio * len(plan)))
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step, not per process
-    identity = {"config_hash": config_hash({"train": cfg.model_dump(mode="json"), "loss": loss_fn.describe(),
-                                            "options": options.__dict__}),
-                "data_hash": data_fingerprint(groups), "num_processes": n_proc}
+    identity = {"config_hash": config_id, "data_hash": data_id, "num_processes": n_proc}
     start, history = resume(accelerator, output_dir, identity)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     step_fn = StepRunner(accelerator, model, optimizer, scheduler, loss_fn, kept, cfg, options, pad_id,
@@ -419,6 +423,17 @@ def build_manifest(policy_path: str, loss_fn: LossFn, cfg: TrainConfig, identity
     check_manifest_extra(extra)
     assert set(manifest) == {*TRAINER_KEYS, "parent"}, "TRAINER_KEYS is out of date"
     return {**{k: None for k in CALLER_KEYS}, **manifest, **extra}
+
+
+def check_finished_checkpoint(path: Path, config_id: str, data_id: str) -> None:
+    """A finished checkpoint is reused only if it was trained with this config and these groups; otherwise
+    reusing it would silently keep other weights, and overwriting it could destroy a promoted model."""
+    manifest = load_checkpoint_manifest(path)
+    differs = {k: (manifest.get(k), v) for k, v in (("config_hash", config_id), ("data_hash", data_id))
+               if manifest.get(k) != v}  # fmt: skip
+    if differs:
+        raise ValueError(f"{path} is a finished checkpoint of another training config or data (manifest, now): "
+                         f"{differs}; train into a new output_dir, or move that folder away first")
 
 
 def result_from_checkpoint(path: Path) -> TrainResult:

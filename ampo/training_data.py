@@ -48,6 +48,22 @@ class Group:
     def size(self) -> int:
         return len(self.responses)
 
+    def best_vs_worst(self) -> "Group":
+        """The pair a pairwise loss (DPO, SimPO) trains on: the highest-reward chosen member against the
+        lowest-reward rejected one, ties to the lower index. A group without both roles comes back as it is
+        (the loss finds it untrainable and it is counted as skipped)."""
+        chosen = [i for i, c in enumerate(self.chosen) if c]
+        rejected = [i for i, c in enumerate(self.chosen) if not c]
+        if len(self.responses) == 2 or not chosen or not rejected:
+            return self
+        keep = [max(chosen, key=lambda i: (self.rewards[i], -i)), min(rejected, key=lambda i: (self.rewards[i], i))]
+
+        def pick(values):
+            return None if values is None else [values[i] for i in keep]
+
+        return Group(self.prompt_id, self.prompt, pick(self.responses), pick(self.rewards), pick(self.chosen),
+                     pick(self.ref_logp_sum), pick(self.ref_logp_mean))
+
 
 @dataclass(frozen=True)
 class ForwardOptions:

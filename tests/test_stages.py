@@ -86,6 +86,9 @@ def test_promotion_gates_crash_and_rollback(tmp_path):
     assert store.champion("g")["id"] == "g-r0"
     statuses = {c["id"]: c["status"] for c in store.list_checkpoints("g")}
     assert statuses == {"g-init": "retired", "g-r0": "champion"}
+    with pytest.raises(ValueError, match=r"round 0 of run 'g' was already promoted: checkpoint 'g-r0' is champion"):
+        run_stage("train", cfg, "g", 0, force=True)  # retraining would replace the champion's weights
+    assert store.champion("g")["id"] == "g-r0"
     store.set_champion("g", "g-init")  # what `ampo rollback --to g-init` does
     assert {c["id"]: c["status"] for c in store.list_checkpoints("g")} == {"g-init": "champion", "g-r0": "retired"}
 

@@ -315,6 +315,12 @@ def test_champion_is_only_set_by_set_champion(store):
         store.get_checkpoint("r/c0")["status"] == "rejected"
         and store.get_checkpoint("r/c0")["path"] == "/ckpt/r/c0"
     )
+    # the champion's status cannot be overwritten by an upsert: the run would be left with no champion
+    store.set_champion("r", "r/c0")
+    with pytest.raises(ValueError, match=r"'r/c0' is the champion of run 'r'; its status changes only through"):
+        store.upsert_checkpoint(checkpoint("r/c0", -1, status="candidate"))
+    store.upsert_checkpoint({"id": "r/c0", "metrics": {"reward": 0.5}})  # other columns may change
+    assert store.champion("r")["id"] == "r/c0" and store.champion("r")["metrics"] == {"reward": 0.5}
 
 
 INJECTIONS = ["x' OR '1'='1", "x'OR'1'='1", "p') OR (1=1", "p; DROP TABLE candidates"]

@@ -166,6 +166,12 @@ def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(policy, tmp_p
     assert not torch.equal(trained.model.layers[0].self_attn.q_proj.weight, parent.model.layers[0].self_attn.q_proj.weight)
     again = train(policy, make_groups(), make_loss_fn(LossConfig()), cfg, output_dir=tmp_path / "ckpt", runtime=CPU)
     assert again.losses == result.losses  # a finished checkpoint is returned, not retrained
+    # ... but only to the same config and data: anything else would silently keep other weights
+    with pytest.raises(ValueError, match=r"finished checkpoint of another training config or data.*config_hash"):
+        train(policy, make_groups(), make_loss_fn(LossConfig()), tiny_cfg(lr=1e-4, groups_per_step=4, epochs=5),
+              output_dir=tmp_path / "ckpt", runtime=CPU)
+    with pytest.raises(ValueError, match=r"data_hash"):
+        train(policy, make_groups()[:3], make_loss_fn(LossConfig()), cfg, output_dir=tmp_path / "ckpt", runtime=CPU)
 
 
 def test_resume_after_a_crash_gives_the_same_losses(dropout_policy, tmp_path):
@@ -238,6 +244,26 @@ def test_skipped_groups_are_counted_and_left_out(policy, tmp_path):
     result = train(policy, make_groups() + [no_rejected], make_loss_fn(LossConfig()), tiny_cfg(groups_per_step=5),
                    output_dir=tmp_path, runtime=CPU)
     assert result.metrics["data/groups"] == 5 and result.metrics["data/skipped_groups"] == 1
+    assert result.history[0]["train/groups"] == 4
+
+
+def test_best_vs_worst_pair_of_a_group():
+    # rewards [0.5, 2, 2, -1, -1] with members 0-2 chosen: best chosen 2.0 at 1 and 2 -> 1 (lower index);
+    # worst rejected -1 at 3 and 4 -> 3
+    g = Group("p", "q", list("abcde"), [0.5, 2.0, 2.0, -1.0, -1.0], [True, True, True, False, False],
+              ref_logp_sum=[-1.0, -2, -3, -4, -5], ref_logp_mean=[-0.1, -0.2, -0.3, -0.4, -0.5])
+    pair = g.best_vs_worst()
+    assert pair.responses == ["b", "d"] and pair.rewards == [2.0, -1.0] and pair.chosen == [True, False]
+    assert pair.ref_logp_sum == [-2.0, -4.0] and pair.ref_logp_mean == [-0.2, -0.4]
+    only_chosen = Group("p", "q", ["a", "b", "c"], [1.0, 2.0, 3.0], [True, True, True])
+    assert only_chosen.best_vs_worst() is only_chosen  # untrainable: left for the loss to skip and count
+
+
+def test_pairwise_losses_train_on_the_best_vs_worst_of_bigger_groups(policy, tmp_path):
+    # groups of 3, 2, 4, 3 (AMPO's 1-vs-k): SimPO trains on one pair per group, 8 sequences in all
+    result = train(policy, make_groups(), make_loss_fn(LossConfig(name="simpo")), tiny_cfg(groups_per_step=4),
+                   output_dir=tmp_path, runtime=CPU)
+    assert result.metrics["data/groups"] == 4 and result.metrics["data/skipped_groups"] == 0
     assert result.history[0]["train/groups"] == 4
 
 

@@ -86,6 +86,11 @@ def train(ctx: RoundContext) -> dict:
         raise ValueError(f"loss {cfg.loss.name!r} needs reference log-probs; run the reflogps stage first")
     ckpt_id = candidate_checkpoint_id(ctx.run, ctx.round)
     out = Path(cfg.runtime.workdir) / "checkpoints" / ctx.run / ckpt_id
+    existing = ctx.store.get_checkpoint(ckpt_id)
+    if existing is not None and existing["status"] in ("champion", "retired"):
+        raise ValueError(f"round {ctx.round} of run {ctx.run!r} was already promoted: checkpoint {ckpt_id!r} is "
+                         f"{existing['status']}; training it again would replace promoted weights. Start a new "
+                         f"round, or `ampo rollback` first and train in a new run")
     spec = TrainSpec(policy_path=ctx.start["path"], groups_path=str(save_groups(ctx.dir / "groups.jsonl", groups)),
                      output_dir=str(out), loss=cfg.loss, train=cfg.train, runtime=cfg.runtime,
                      manifest_extra={"id": ckpt_id, "parent": ctx.start["id"], "run": ctx.run,

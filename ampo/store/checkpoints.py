@@ -34,7 +34,11 @@ def upsert_checkpoint(table: Table, record: Mapping) -> int:
         check_choice(record["status"], CHECKPOINT_STATUSES, "checkpoint status")
     if isinstance(record.get("metrics"), dict):
         record["metrics"] = json.dumps(record["metrics"], sort_keys=True)
-    exists = table.count_rows(filters.id_is(record["id"])) > 0
+    existing = get_checkpoint(table, record["id"])
+    if existing is not None and existing["status"] == "champion" and record.get("status", "champion") != "champion":
+        raise ValueError(f"checkpoint {record['id']!r} is the champion of run {existing['run']!r}; its status "
+                         f"changes only through set_champion (promote or `ampo rollback` to another checkpoint)")
+    exists = existing is not None
     return upsert(table, to_table([record], Checkpoint, partial=exists), insert=not exists).version
 
 
