@@ -242,7 +242,8 @@ class StepRunner:
         seconds = time.perf_counter() - t0
         chosen, rejected = totals[1] / totals[2].clamp(min=1), totals[3] / totals[4].clamp(min=1)
         return {"train/loss": float(totals[0]) / len(step_groups), "train/lr": lr,
-                "train/grad_norm": float(grad_norm), "train/groups": len(step_groups),
+                "train/grad_norm": float("nan") if grad_norm is None else float(grad_norm),
+                "train/groups": len(step_groups),
                 "logps/chosen": float(chosen), "logps/rejected": float(rejected),
                 "rewards/margins": float(chosen - rejected), "perf/tokens": int(totals[5]),
                 "perf/seconds": seconds, "perf/tokens_per_s": float(totals[5]) / seconds}
@@ -298,7 +299,28 @@ def make_accelerator(cfg: TrainConfig, runtime: RuntimeConfig):
     cpu = runtime.device == "cpu" or not torch.cuda.is_available()
     mixed = {"auto": "no" if cpu else "bf16", "float32": "no", "bfloat16": "bf16"}[cfg.dtype]
     fresh_accelerate_state()
-    return Accelerator(cpu=cpu, gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed)
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"  # set by accelerate launch
+    accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=1 if deepspeed else cfg.grad_accum,
+                              mixed_precision=mixed)  # fmt: skip
+    configure_deepspeed(accelerator, cfg)
+    return accelerator
+
+
+def configure_deepspeed(accelerator, cfg: TrainConfig) -> None:
+    """Fill in what DeepSpeed needs before `prepare`, which sees no dataloader here. No-op without DeepSpeed.
+
+    - train_micro_batch_size_per_gpu: groups per micro-batch (accelerate refuses "auto" without a dataloader).
+    - gradient_accumulation_steps 1: StepRunner marks the accumulation boundary itself (sync_gradients, which
+      accelerate hands to the engine) and scales the loss itself; DeepSpeed's own GAS would divide it again.
+    - gradient_clipping: max_grad_norm; DeepSpeed clips inside its step, accelerate's clip_grad_norm_ only
+      reads the norm back.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    plugin.deepspeed_config.update({"train_micro_batch_size_per_gpu": cfg.groups_per_step,
+                                    "gradient_accumulation_steps": 1, "gradient_clipping": cfg.max_grad_norm,
+                                    "train_batch_size": cfg.groups_per_step * accelerator.num_processes})
 
 
 def fresh_accelerate_state() -> None:
