@@ -149,7 +149,7 @@ class TrainConfig(_Frozen):
     forward_mode: Literal["padded", "prefix_shared"] = "padded"  # prefix_shared: a prompt's KV computed once for its K responses
     lora: LoraConfig | None = None
     reference: Literal["champion", "initial"] = "champion"  # whose log-probs the ref stage stores
-    save_every: int = Field(0, ge=0)  # optimizer steps between resumable states; 0 = once per epoch
+    save_every: int = Field(200, ge=0)  # optimizer steps between resumable states (and at each epoch's end); 0 = epoch ends only
     seed: int = 0
 
 

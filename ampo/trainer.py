@@ -281,10 +281,8 @@ def batch_stats(batch: Batch, per_group: Tensor, logps: Tensor) -> Tensor:
 
 
 def should_save(done: int, save_every: int, per_epoch: int, total: int) -> bool:
-    """After `done` optimizer steps: every `save_every` steps, or at each epoch's end when save_every is 0."""
-    if save_every > 0:
-        return done % save_every == 0
-    return done % per_epoch == 0 or done == total
+    """After `done` optimizer steps: every `save_every` steps (0: never mid-epoch), and at each epoch's end."""
+    return (save_every > 0 and done % save_every == 0) or done % per_epoch == 0 or done == total
 
 
 # ----------------------------------------------------------------------------- setup helpers

@@ -176,7 +176,8 @@ def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(policy, tmp_p
 
 def test_resume_after_a_crash_gives_the_same_losses(dropout_policy, tmp_path):
     groups = make_groups()[:3]
-    cfg = tiny_cfg(lr=1e-2, epochs=2, save_every=2)  # 3 groups x 2 epochs = 6 steps, states at 2, 4, 6
+    # 3 groups x 2 epochs = 6 steps; states every 2 steps and at each epoch's end: 2, 3, 4, 6 (newest two kept)
+    cfg = tiny_cfg(lr=1e-2, epochs=2, save_every=2)
     loss_fn = make_loss_fn(LossConfig())
     full = train(dropout_policy, groups, loss_fn, cfg, output_dir=tmp_path / "full", runtime=CPU)
 
@@ -186,7 +187,7 @@ def test_resume_after_a_crash_gives_the_same_losses(dropout_policy, tmp_path):
 
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(dropout_policy, groups, loss_fn, cfg, output_dir=tmp_path / "crashed", runtime=CPU, progress=crash_at_5)
-    assert sorted(p.name for p in (tmp_path / "crashed" / "state").iterdir()) == ["step-2", "step-4"]
+    assert sorted(p.name for p in (tmp_path / "crashed" / "state").iterdir()) == ["step-3", "step-4"]
     assert not (tmp_path / "crashed" / MANIFEST).exists()
     seen = []
     resumed = train(dropout_policy, groups, loss_fn, cfg, output_dir=tmp_path / "crashed", runtime=CPU,
