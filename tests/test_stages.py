@@ -53,6 +53,8 @@ def test_a_round_fills_the_store_and_the_registry(finished_round):
     assert next_round(cfg, "r") == 1
     report = Path(cfg.runtime.workdir) / "runs" / "r" / "round-0"
     assert (report / "start.json").is_file() and (report / "eval-candidate.json").is_file()
+    cache = sorted(p.name for p in (Path(cfg.runtime.workdir) / "runs" / "r" / "eval-cache").iterdir())
+    assert [name.split("-")[:2] for name in cache] == [["r", "init"], ["r", "r0"]]  # the candidate's too
 
 
 def test_promotion_gates_crash_and_rollback(tmp_path):

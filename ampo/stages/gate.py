@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 import json
 from dataclasses import dataclass, field
 
@@ -34,8 +35,8 @@ def evaluate(ctx: RoundContext) -> StageResult:
     stack = RewardStack(ctx.cfg.reward, ctx.cfg.runtime)
     key = _eval_key(ctx, prompts)
     champion = _cached_outputs(ctx, ctx.start, prompts, stack, key)
-    outputs = _policy_outputs(ctx, candidate, prompts, stack)
-    write_json_atomic(ctx.dir / "eval-candidate.json", outputs)
+    outputs = _cached_outputs(ctx, candidate, prompts, stack, key)  # if promoted, next round's champion: cached
+    write_json_atomic(ctx.dir / "eval-candidate.json", {k: v for k, v in outputs.items() if k != "cached"})
     cand_m, champ_m = _metrics(outputs, prompts), _metrics(champion, prompts)
     wins = win_rate(np.array(outputs["rewards"]), np.array(champion["rewards"]))
     metrics = {f"candidate/{k}": v for k, v in cand_m.as_dict().items()}
@@ -53,18 +54,38 @@ def _candidate(ctx: RoundContext) -> dict:
     return {"id": record["id"], "path": record["path"]}
 
 
+def _eval_generation(ctx: RoundContext):
+    """The generation settings of evaluation: the run's, with one greedy (by default) sample per prompt."""
+    ev = ctx.cfg.eval
+    return ctx.cfg.generation.model_copy(update={"n": 1, "temperature": ev.temperature,
+                                                 "max_new_tokens": ev.max_new_tokens})  # fmt: skip
+
+
 def _eval_key(ctx: RoundContext, prompts: list) -> str:
+    """Everything that decides an evaluation's outputs besides the weights: settings, rewards, prompts, device."""
     payload = {"eval": ctx.cfg.eval.model_dump(mode="json"), "reward": ctx.cfg.reward.model_dump(mode="json"),
-               "backend": ctx.cfg.generation.backend, "system_prompt": ctx.cfg.generation.system_prompt,
+               "generation": _eval_generation(ctx).model_dump(mode="json"), "device": ctx.cfg.runtime.device,
                "prompts": [p.prompt_id for p in prompts]}  # fmt: skip
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _weights_fingerprint(path: str) -> str:
+    """Which weights a checkpoint folder holds now: names, sizes and modification times of its weight files and
+    manifest (a folder trained again gets new ones). A hub model name stands for itself."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return hashlib.sha256(path.encode()).hexdigest()[:12]
+    files = sorted(f for f in folder.iterdir() if f.suffix == ".safetensors" or f.name == "manifest.json")
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:12]
+
+
 def _cached_outputs(ctx: RoundContext, policy: dict, prompts: list, stack, key: str) -> dict:
-    """The champion's evaluation outputs, computed once per (checkpoint, evaluation settings)."""
+    """A policy's evaluation outputs, computed once per (checkpoint, its weights, evaluation settings)."""
     from ampo.stages.context import run_dir
 
-    path = run_dir(ctx.cfg, ctx.run) / "eval-cache" / f"{policy['id']}-{key}.json"
+    name = f"{policy['id']}-{_weights_fingerprint(policy['path'])}-{key}.json"
+    path = run_dir(ctx.cfg, ctx.run) / "eval-cache" / name
     if path.is_file():
         return {**json.loads(path.read_text()), "cached": True}
     outputs = _policy_outputs(ctx, policy, prompts, stack)
@@ -77,11 +98,8 @@ def _policy_outputs(ctx: RoundContext, policy: dict, prompts: list, stack) -> di
     from ampo.generation import derive_seed, make_generator
     from ampo.rewards.verifiable import check_instructions
 
-    ev = ctx.cfg.eval
-    gen_cfg = ctx.cfg.generation.model_copy(update={"n": 1, "temperature": ev.temperature,
-                                                    "max_new_tokens": ev.max_new_tokens})  # fmt: skip
     seeds = [derive_seed("eval", 0, p.prompt_id) for p in prompts]
-    with make_generator(policy["path"], gen_cfg, ctx.cfg.runtime) as generator:
+    with make_generator(policy["path"], _eval_generation(ctx), ctx.cfg.runtime) as generator:
         samples = [pool[0] for pool in generator.generate([p.prompt for p in prompts], n=1, seeds=seeds)]
     texts = [s.text for s in samples]
     scored = stack.score(prompts, texts)
