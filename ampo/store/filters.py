@@ -14,9 +14,9 @@ from lancedb.expr import col, lit
 from ampo.config import validate_run_id
 from ampo.schema import check_prompt_id, check_round
 
-ID_PATTERN = (
-    r"^[\x21-\x7e]{1,512}$"  # row and checkpoint ids: printable ASCII, no spaces or control characters
-)
+# Row, stage and checkpoint ids: the characters of run ids and prompt ids plus the "/" that joins them. No quote
+# and no backslash: LanceDB's lit() doubles a quote but leaves a backslash before it, which ends the string.
+ID_PATTERN = r"^[A-Za-z0-9_.:+=@/-]{1,512}$"
 
 
 def run_is(run: str) -> str:
@@ -50,7 +50,7 @@ def all_of(*parts: str | None) -> str:
 
 def check_id(row_id: str) -> str:
     if not isinstance(row_id, str) or not re.fullmatch(ID_PATTERN, row_id):
-        raise ValueError(f"id {row_id!r} must be 1-512 printable ASCII characters without spaces")
+        raise ValueError(f"id {row_id!r} must be 1-512 characters from A-Z a-z 0-9 _ . : + = @ / -")
     return row_id
 
 
