@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyarrow.compute as pc
-
 from ampo.store import Store, filters
 from ampo.store.tables import scan
 
@@ -38,18 +36,28 @@ def export_groups(store: Store, run: str, round_: int, path: str | Path) -> int:
     """Write the round's selected groups as JSON lines in the released AMPO layout; returns the number of groups."""
     rows = scan(store.candidates, filters.round_is(run, round_), ["prompt_id", "sample", "prompt", "response",
                                                                    "reward", "role"])  # fmt: skip
-    rows = rows.sort_by([("prompt_id", "ascending"), ("sample", "ascending")])
+    rows = rows.sort_by([("prompt_id", "ascending"), ("sample", "ascending")]).to_pylist()
+    records = [r for r in (ampo_record(pool) for pool in _pools(rows)) if r is not None]
+    if not records:
+        what = "no rows" if not rows else "no selected groups"
+        raise ValueError(f"run {run!r} round {round_} has {what}; nothing written to {path}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with open(path, "w") as f:
-        for prompt_id in pc.unique(rows["prompt_id"]).to_pylist():
-            pool = rows.filter(pc.equal(rows["prompt_id"], prompt_id)).to_pylist()
-            record = ampo_record(pool)
-            if record is not None:
-                f.write(json.dumps(record) + "\n")
-                n += 1
-    return n
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
+    partial.replace(path)  # a reader never sees half a file
+    return len(records)
+
+
+def _pools(rows: list[dict]) -> list[list[dict]]:
+    """Rows sorted by prompt id, cut into one list per prompt (one pass, not one filter per prompt)."""
+    pools: list[list[dict]] = []
+    for row in rows:
+        if not pools or pools[-1][0]["prompt_id"] != row["prompt_id"]:
+            pools.append([])
+        pools[-1].append(row)
+    return pools
 
 
 def ampo_record(pool: list[dict]) -> dict | None:

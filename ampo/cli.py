@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -63,11 +64,12 @@ def demo(
     _offline_env()
     _prefect_env()
     cfg = _config(config, overrides)
+    _precheck(cfg, run)
     from flows.self_play import local_flow_settings, self_play_round
 
     with local_flow_settings():
         result = self_play_round(cfg, run)
-    _print_round_table(cfg, run, result["round"], config)
+    _print_round_table(cfg, run, result["round"], config, overrides)
 
 
 @app.command("round")
@@ -79,11 +81,12 @@ def round_(
     """Run (or resume) one round as a Prefect flow run."""
     _prefect_env()
     cfg = _config(config, overrides)
+    _precheck(cfg, run, round_=round_, wait=wait)
     from flows.self_play import local_flow_settings, self_play_round
 
     with local_flow_settings():
         result = self_play_round(cfg, run, round_, wait)
-    _print_round_table(cfg, run, result["round"], config)
+    _print_round_table(cfg, run, result["round"], config, overrides)
 
 
 @app.command("run")
@@ -95,12 +98,13 @@ def run_rounds(
     """Run N more rounds of a run as a Prefect flow run, each from the current champion."""
     _prefect_env()
     cfg = _config(config, overrides)
+    _precheck(cfg, run, rounds=rounds, wait=wait)
     from flows.self_play import local_flow_settings, self_play
 
     with local_flow_settings():
         results = self_play(cfg, run, rounds, wait)
     for result in results:
-        _print_round_table(cfg, run, result["round"], config)
+        _print_round_table(cfg, run, result["round"], config, overrides)
 
 
 @app.command()
@@ -112,19 +116,29 @@ def stage(
 ) -> None:
     """Run one stage of one round in this process (no Prefect), then exit."""
     from ampo.progress import terminal_progress
-    from ampo.stages import run_stage
+    from ampo.runlock import stage_lock
+    from ampo.stages import TRANSIENT_EXIT, is_transient, run_stage
 
     cfg = _config(config, overrides)
     progress = terminal_progress()
-    record = run_stage(name, cfg, run, round_, force=force, progress=progress)
-    if progress is not None:
-        progress.close()
+    try:
+        with stage_lock(cfg.runtime.workdir, run):  # the parent flow's lock when it launched this process
+            record = run_stage(name, cfg, run, round_, force=force, progress=progress)
+    except Exception as exc:
+        if is_transient(exc):  # the parent flow's retry policy sees this exit status
+            typer.echo(f"error (transient): {exc}", err=True)
+            sys.exit(TRANSIENT_EXIT)
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
     state = "already done (skipped)" if record["skipped"] else f"done in {record['seconds']:.1f}s"
     typer.echo(f"{name} r{round_}: {state} {json.dumps(record['counts'])}")
 
 
 @app.command()
-def status(config: ConfigOpt, run: Annotated[str | None, typer.Option("--run", "-r")] = None) -> None:
+def status(config: ConfigOpt, run: Annotated[str | None, typer.Option("--run", "-r")] = None,
+           overrides: SetOpt = None) -> None:
     """Runs, rounds, their stages and each run's champion."""
     from rich.console import Console
     from rich.table import Table
@@ -132,7 +146,7 @@ def status(config: ConfigOpt, run: Annotated[str | None, typer.Option("--run", "
     from ampo.audit import runs_overview
     from ampo.stages.context import open_store
 
-    rows = [r for r in runs_overview(open_store(_config(config, None))) if run is None or r["run"] == run]
+    rows = [r for r in runs_overview(open_store(_config(config, overrides))) if run is None or r["run"] == run]
     if not rows:
         typer.echo("no rounds recorded yet" + (f" for run {run!r}" if run else ""))
         return
@@ -144,22 +158,24 @@ def status(config: ConfigOpt, run: Annotated[str | None, typer.Option("--run", "
 
 
 @app.command()
-def promote(config: ConfigOpt, run: RunOpt, checkpoint: Annotated[str, typer.Option(help="checkpoint id")]) -> None:
+def promote(config: ConfigOpt, run: RunOpt, checkpoint: Annotated[str, typer.Option(help="checkpoint id")],
+            overrides: SetOpt = None) -> None:
     """Make a checkpoint the run's champion by hand (bypasses the gates; recorded in the registry)."""
-    _set_champion(config, run, checkpoint, "promoted")
+    _set_champion(config, overrides, run, checkpoint, "promoted")
 
 
 @app.command()
-def rollback(config: ConfigOpt, run: RunOpt, to: Annotated[str, typer.Option(help="earlier checkpoint id")]) -> None:
+def rollback(config: ConfigOpt, run: RunOpt, to: Annotated[str, typer.Option(help="earlier checkpoint id")],
+             overrides: SetOpt = None) -> None:
     """Set the run's champion back to an earlier checkpoint; the current one is retired."""
-    _set_champion(config, run, to, "rolled back to")
+    _set_champion(config, overrides, run, to, "rolled back to")
 
 
-def _set_champion(config: Path, run: str, checkpoint: str, verb: str) -> None:
+def _set_champion(config: Path, overrides: list[str] | None, run: str, checkpoint: str, verb: str) -> None:
     from ampo.checkpoints import load_checkpoint_manifest
     from ampo.stages.context import open_store
 
-    store = open_store(_config(config, None))
+    store = open_store(_config(config, overrides))
     record = store.get_checkpoint(checkpoint)
     if record is None or record["run"] != run:
         known = [c["id"] for c in store.list_checkpoints(run)]
@@ -175,22 +191,31 @@ def serve(
     config: ConfigOpt, run: RunOpt,
     cron: Annotated[str | None, typer.Option(help="schedule, e.g. '0 3 * * *'; none: trigger by hand")] = None,
     name: Annotated[str, typer.Option(help="deployment name")] = "ampo-round",
+    overrides: SetOpt = None,
 ) -> None:
     """Serve the round flow as a deployment on this box (flow.serve); trigger it from the UI or the CLI."""
     _prefect_env()
-    cfg = _config(config, None)
+    cfg = _config(config, overrides)
+    from prefect.settings import PREFECT_API_URL
+
+    from ampo.config import validate_run_id
     from flows.self_play import self_play_round
 
+    validate_run_id(run)
+    if cron is not None and not PREFECT_API_URL.value():
+        raise ValueError("--cron needs a Prefect server: the temporary one runs no schedules. Start one on loopback "
+                         "(prefect server start --host 127.0.0.1) and export "
+                         "PREFECT_API_URL=http://127.0.0.1:4200/api, then serve again")
     self_play_round.serve(name=name, parameters={"config": cfg.model_dump(mode="json"), "run_id": run}, cron=cron)
 
 
 @audit_app.command("pool")
 def audit_pool(config: ConfigOpt, run: RunOpt, round_: Annotated[int, typer.Option("--round")],
-               prompt: Annotated[str, typer.Option(help="prompt id")]) -> None:
+               prompt: Annotated[str, typer.Option(help="prompt id")], overrides: SetOpt = None) -> None:
     """One prompt's whole pool: rewards, roles, clusters, best first."""
     from ampo.stages.context import open_store
 
-    table = open_store(_config(config, None)).prompt_pool(run, round_, prompt)
+    table = open_store(_config(config, overrides)).prompt_pool(run, round_, prompt)
     if table.num_rows == 0:
         raise ValueError(f"no responses for prompt {prompt!r} in run {run!r} round {round_}")
     _print_rows(table.to_pylist(), ["sample", "reward", "role", "cluster", "n_tokens", "response"])
@@ -198,11 +223,11 @@ def audit_pool(config: ConfigOpt, run: RunOpt, round_: Annotated[int, typer.Opti
 
 @audit_app.command("groups")
 def audit_groups(config: ConfigOpt, run: RunOpt, round_: Annotated[int, typer.Option("--round")],
-                 limit: Annotated[int, typer.Option(help="prompts to show")] = 5) -> None:
+                 limit: Annotated[int, typer.Option(help="prompts to show")] = 5, overrides: SetOpt = None) -> None:
     """The round's selected groups: chosen first, then the rejected by reward."""
     from ampo.stages.context import open_store
 
-    groups = open_store(_config(config, None)).selected_groups(run, round_)
+    groups = open_store(_config(config, overrides)).selected_groups(run, round_)
     if not groups:
         raise ValueError(f"run {run!r} round {round_} has no selected groups")
     for prompt_id, table in list(groups.items())[:limit]:
@@ -216,11 +241,12 @@ def audit_neighbours(
     config: ConfigOpt, text: Annotated[str | None, typer.Option(help="find responses near this text")] = None,
     row: Annotated[str | None, typer.Option(help="or near this candidate id")] = None,
     k: Annotated[int, typer.Option(help="how many")] = 5,
+    overrides: SetOpt = None,
 ) -> None:
     """Nearest responses (by embedding) to a text or to a stored response."""
     from ampo.stages.context import open_store
 
-    cfg = _config(config, None)
+    cfg = _config(config, overrides)
     store = open_store(cfg)
     if (text is None) == (row is None):
         raise ValueError("give exactly one of --text or --row")
@@ -235,12 +261,12 @@ def audit_neighbours(
 
 @audit_app.command("export")
 def audit_export(config: ConfigOpt, run: RunOpt, round_: Annotated[int, typer.Option("--round")],
-                 out: Annotated[Path, typer.Option(help="output .jsonl")]) -> None:
+                 out: Annotated[Path, typer.Option(help="output .jsonl")], overrides: SetOpt = None) -> None:
     """Export the round's selected groups as JSONL in the released AMPO dataset layout."""
     from ampo.audit import export_groups
     from ampo.stages.context import open_store
 
-    n = export_groups(open_store(_config(config, None)), run, round_, out)
+    n = export_groups(open_store(_config(config, overrides)), run, round_, out)
     typer.echo(f"wrote {n} groups to {out}")
 
 
@@ -280,7 +306,7 @@ def _cell(value) -> str:
     return text if len(text) <= 80 else text[:77].replace("\n", " ") + "..."
 
 
-def _print_round_table(cfg, run: str, round_: int, config_path: Path) -> None:
+def _print_round_table(cfg, run: str, round_: int, config_path: Path, overrides: list[str] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -301,7 +327,7 @@ def _print_round_table(cfg, run: str, round_: int, config_path: Path) -> None:
     console.print(table)
     for reason in gate.get("reasons", []):
         console.print(f"  gate: {reason}")
-    c = f"--config {config_path} --run {run}"
+    c = f"--config {config_path} --run {run}" + "".join(f" --set {shlex.quote(o)}" for o in overrides or [])
     console.print("\nAudit this round:")
     for line in (f"ampo status {c}", f"ampo audit groups {c} --round {round_}",
                  f"ampo audit export {c} --round {round_} --out selected-r{round_}.jsonl",
@@ -309,13 +335,30 @@ def _print_round_table(cfg, run: str, round_: int, config_path: Path) -> None:
         console.print(f"  {line}")
 
 
+def _precheck(cfg, run: str, round_: int | None = None, rounds: int | None = None, wait: float = 0.0) -> None:
+    """What a flow would refuse, refused before it starts: one line instead of a flow run's failure log."""
+    from ampo.config import validate_run_id
+    from ampo.runlock import run_lock
+    from ampo.stages import check_stage_round
+
+    validate_run_id(run)
+    if round_ is not None:
+        check_stage_round(round_)
+    if rounds is not None and rounds < 1:
+        raise ValueError(f"--rounds {rounds}: must be >= 1")
+    if wait == 0:
+        with run_lock(cfg.runtime.workdir, run):  # taken and released: the flow takes it again
+            pass
+
+
 def main() -> None:
     """Entry point: errors are one clear line on stderr and a non-zero exit."""
     from ampo.runlock import RunLockedError
+    from ampo.stages import StageProcessError
 
     try:
         app()
-    except (ValueError, FileNotFoundError, RunLockedError) as exc:
+    except (ValueError, FileNotFoundError, RunLockedError, StageProcessError) as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
 

@@ -23,6 +23,27 @@ class RunLockedError(RuntimeError):
     """Another process holds the run."""
 
 
+INHERITED_ENV = "AMPO_INHERITED_RUN_LOCK"  # set for a stage's child process: it shares its parent's lock
+_HELD: dict[str, int] = {}  # run -> descriptor of the lock this process holds
+
+
+def held_lock_fd(run: str) -> int | None:
+    """The descriptor of `run`'s lock if this process holds it. A child process given this descriptor shares
+    the flock (one open file description), so the run stays locked while the child runs, even if this process
+    is killed: a new flow cannot start a stage that an orphaned child is still writing."""
+    return _HELD.get(run)
+
+
+@contextmanager
+def stage_lock(workdir: str | Path, run: str):
+    """The lock for one stage run by `ampo stage`: inherited from the parent flow that launched it, else taken."""
+    if os.environ.get(INHERITED_ENV) == validate_run_id(run):
+        yield None
+        return
+    with run_lock(workdir, run) as holder:
+        yield holder
+
+
 @contextmanager
 def run_lock(workdir: str | Path, run: str, *, wait_s: float = 0.0, poll_s: float = 0.5):
     """Hold the lock of `run` for the duration of the block."""
@@ -35,9 +56,11 @@ def run_lock(workdir: str | Path, run: str, *, wait_s: float = 0.0, poll_s: floa
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
+        _HELD[run] = fd
         yield holder
     finally:
-        os.close(fd)  # closing the descriptor releases the flock
+        _HELD.pop(run, None)
+        os.close(fd)  # closing the last descriptor of the open file (children may share it) releases the flock
 
 
 def _acquire(fd: int, path: Path, run: str, wait_s: float, poll_s: float) -> None:

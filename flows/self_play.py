@@ -20,6 +20,8 @@ def self_play_round(config: RunConfig, run_id: str, round: int | None = None, wa
     Finished stages are skipped, so re-running after a crash finishes the rest. `round=None` takes the next one.
     """
     validate_run_id(run_id)
+    if round is not None:
+        stages.check_stage_round(round)
     with run_lock(config.runtime.workdir, run_id, wait_s=wait_s):
         round_ = stages.next_round(config, run_id) if round is None else round
         for name in stages.STAGES:

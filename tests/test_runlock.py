@@ -41,3 +41,25 @@ def test_bad_run_id_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="run id '../x' must match"):
         with run_lock(tmp_path, "../x"):
             pass
+
+
+def test_a_stage_child_keeps_the_run_locked_after_its_parent_lets_go(tmp_path):
+    from ampo.runlock import INHERITED_ENV, held_lock_fd, stage_lock
+
+    with run_lock(tmp_path, "r"):
+        fd = held_lock_fd("r")
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], pass_fds=(fd,))
+    assert held_lock_fd("r") is None
+    try:  # the parent is out (as if killed), but the child still writes: a new flow must not start
+        with pytest.raises(RunLockedError, match="in progress elsewhere"), run_lock(tmp_path, "r"):
+            pass
+    finally:
+        child.kill()
+        child.wait()
+    with run_lock(tmp_path, "r"):
+        pass
+    # `ampo stage` launched by a flow inherits the lock instead of waiting for it
+    with run_lock(tmp_path, "r"), pytest.MonkeyPatch.context() as mp:
+        mp.setenv(INHERITED_ENV, "r")
+        with stage_lock(tmp_path, "r") as holder:
+            assert holder is None

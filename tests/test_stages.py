@@ -176,3 +176,48 @@ def test_a_killed_generate_stage_resumes_without_duplicates(tmp_path):
     assert record["counts"]["prompts_already_done"] == partial // cfg.generation.n
     ids = store.read_rows("k", 0, ["id"])["id"].to_pylist()
     assert len(ids) == len(set(ids)) == 40 * cfg.generation.n
+
+
+def _cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """`ampo <args>` through the real entry point in this process: exit status, stdout, stderr."""
+    from ampo.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["ampo", *map(str, args)])
+    try:
+        main()
+        status = 0
+    except SystemExit as exit_:
+        status = exit_.code if isinstance(exit_.code, int) else 1
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def test_cli_export_audit_and_bad_input(finished_round, tmp_path, monkeypatch, capsys):
+    cfg, _ = finished_round
+    config = tmp_path / "cfg.json"
+    config.write_text(cfg.model_dump_json())
+    out = tmp_path / "groups.jsonl"
+    status, stdout, _ = _cli(monkeypatch, capsys, "audit", "export", "-c", config, "-r", "r", "--round", 0, "--out", out)
+    assert status == 0 and "wrote 6 groups" in stdout
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 6  # 6 prompts, each with a chosen and 3 rejected (coreset, k=3)
+    for record in records:
+        scores = [record[f"score_A{i}"] for i in range(4)]
+        assert "A4" not in record and scores[0] == max(record["all_reward_scores"])  # chosen = the best, first
+        assert scores[1:] == sorted(scores[1:], reverse=True)  # then the rejected, best first
+        assert record["A0"][0]["role"] == "user" and record["A0"][1]["role"] == "assistant"
+    missing = tmp_path / "none.jsonl"
+    status, _, err = _cli(monkeypatch, capsys, "audit", "export", "-c", config, "-r", "r", "--round", 7, "--out", missing)
+    assert status == 2 and err.strip() == f"error: run 'r' round 7 has no rows; nothing written to {missing}"
+    assert not missing.exists()
+    status, _, err = _cli(monkeypatch, capsys, "audit", "groups", "-c", config, "-r", "nobody", "--round", 0)
+    assert status == 2 and err.strip() == "error: run 'nobody' round 0 has no selected groups"
+    # --set reaches every command that reads the config: here an empty store elsewhere
+    status, stdout, _ = _cli(monkeypatch, capsys, "status", "-c", config, "--set", f"store.uri={tmp_path / 'empty'}")
+    assert status == 0 and "no rounds recorded yet" in stdout
+    status, _, err = _cli(monkeypatch, capsys, "stage", "generate", "-c", config, "-r", "r", "--round", -1)
+    assert status == 2 and err.strip() == "error: round must be an int >= 0, got -1"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("policy: [x\n")
+    status, _, err = _cli(monkeypatch, capsys, "status", "-c", bad)
+    assert status == 2 and err.startswith(f"error: {bad}: not valid YAML at line 2") and err.count("\n") == 1

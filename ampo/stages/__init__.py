@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 
 from ampo.config import RunConfig, validate_run_id
-from ampo.schema import STAGES, check_round
+from ampo.runlock import INHERITED_ENV, held_lock_fd
+from ampo.schema import STAGES, check_int
 from ampo.stages.context import Progress, RoundContext, open_store, round_dir, run_dir, write_json_atomic
 from ampo.stages.data import embed, generate, score, select
 from ampo.stages.gate import StageResult, evaluate, promote
@@ -51,7 +53,7 @@ def run_stage(name: str, cfg: RunConfig, run: str, round_: int, *, force: bool =
     if name not in STAGE_FUNCTIONS:
         raise ValueError(f"unknown stage {name!r}; choose from {list(STAGES)}")
     validate_run_id(run)
-    check_round(round_)
+    check_stage_round(round_)
     store = open_store(cfg)
     status = store.stage_status(run, round_)
     if not force and status.get(name, {}).get("status") == "done":
@@ -85,10 +87,13 @@ def run_stage_isolated(name: str, cfg: RunConfig, run: str, round_: int, *, prog
     config_path = write_json_atomic(run_dir(cfg, run) / "config.json", cfg.model_dump(mode="json"))
     cmd = [sys.executable, "-m", "ampo.cli", "stage", name, "--config", str(config_path), "--run", run,
            "--round", str(round_)]  # fmt: skip
-    proc = subprocess.run(cmd, check=False)  # its logs and progress stream to this process's terminal
+    lock_fd = held_lock_fd(run)  # the child shares the run's lock: it stays locked while the child lives
+    env = None if lock_fd is None else {**os.environ, INHERITED_ENV: run}
+    proc = subprocess.run(cmd, check=False, pass_fds=() if lock_fd is None else (lock_fd,), env=env)
     if proc.returncode != 0:
         message = store.stage_status(run, round_).get(name, {}).get("message") or "see its log above"
-        raise StageProcessError(f"stage {name!r} failed in its process (exit {proc.returncode}): {message}")
+        error = TransientStageError if proc.returncode == TRANSIENT_EXIT else StageProcessError
+        raise error(f"stage {name!r} failed in its process (exit {proc.returncode}): {message}")
     return {**store.stage_status(run, round_)[name], "skipped": False}
 
 
@@ -96,11 +101,24 @@ class StageProcessError(RuntimeError):
     """A stage run in a child process exited with an error."""
 
 
+class TransientStageError(StageProcessError):
+    """The child process failed with an error a retry can fix (it exited with TRANSIENT_EXIT)."""
+
+
+TRANSIENT_EXIT = 75  # EX_TEMPFAIL: `ampo stage` exits with it when the error is transient (is_transient)
+
+
+def check_stage_round(round_: int) -> int:
+    """A round a stage can run in: an int >= 0 (-1 only names the initial policy in the registry)."""
+    return check_int(round_, "round", minimum=0)
+
+
 def next_round(cfg: RunConfig, run: str) -> int:
     """The round to run now: an unfinished round if there is one, else the one after the last finished round."""
     validate_run_id(run)
     store = open_store(cfg)
     rows = scan(store.rounds, filters.run_is(run), ["round", "stage", "status"]).to_pylist()
+    rows = [r for r in rows if r["round"] >= 0]  # a store written before rounds < 0 were refused
     if not rows:
         return 0
     last = max(r["round"] for r in rows)
@@ -115,7 +133,7 @@ def is_transient(exc: BaseException | object) -> bool:
     """True for errors a retry can fix: timeouts, dropped connections, store commit conflicts. Never OOM or bugs."""
     from ampo.store.tables import StoreConflictError
 
-    if isinstance(exc, StoreConflictError | TimeoutError | ConnectionError):
+    if isinstance(exc, StoreConflictError | TimeoutError | ConnectionError | TransientStageError):
         return True
     return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
 

@@ -103,8 +103,10 @@ class CandidatesView:
             ]
         )
         table = table.drop_columns(["_chosen"])
+        if len(table) == 0:
+            return {}
         prompt_ids = table["prompt_id"].to_numpy(zero_copy_only=False)
-        starts = np.flatnonzero(np.r_[True, prompt_ids[1:] != prompt_ids[:-1]]) if len(table) else []
+        starts = np.flatnonzero(np.r_[True, prompt_ids[1:] != prompt_ids[:-1]])
         ends = list(starts[1:]) + [len(table)]
         return {prompt_ids[s]: table.slice(s, e - s) for s, e in zip(starts, ends, strict=True)}
 
