@@ -24,8 +24,20 @@ def _stage_task(name: str):
         cache_policy=NO_CACHE,
     )
     def run(config: RunConfig, run_id: str, round_: int) -> dict:
-        record = stages.run_stage_isolated(name, config, run_id, round_)
-        get_run_logger().info("%s r%d: %s in %.1fs %s", name, round_, record["status"], record["seconds"], record["counts"])
+        from ampo.progress import terminal_progress
+
+        progress = terminal_progress()  # bars on long stages when the flow runs from a terminal
+        try:
+            record = stages.run_stage_isolated(name, config, run_id, round_, progress=progress)
+        finally:
+            if progress is not None:
+                progress.close()
+        if record["skipped"]:
+            get_run_logger().info("%s r%d: skipped, finished before in %.1fs %s", name, round_, record["seconds"],
+                                  record["counts"])  # fmt: skip
+        else:
+            get_run_logger().info("%s r%d: %s in %.1fs %s", name, round_, record["status"], record["seconds"],
+                                  record["counts"])  # fmt: skip
         return record
 
     run.__doc__ = f"Round stage `{name}`: see ampo.stages.{name}."
