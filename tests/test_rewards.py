@@ -2,6 +2,7 @@
 tiny random Llama built here, and the weighted composition with its non-finite handling."""
 
 import math
+import sys
 import typing
 
 import numpy as np
@@ -381,3 +382,15 @@ def test_classifier_needs_one_label_and_a_chat_template(tmp_path):
         classifier(save_tiny_rm(tmp_path / "two", num_labels=2))
     with pytest.raises(ValueError, match="has no chat template"):
         classifier(save_tiny_rm(tmp_path / "plain", chat_template=False))
+
+
+def test_a_python_reward_module_in_the_working_directory_is_found(tmp_path, monkeypatch):
+    # the `ampo` console script does not put the working directory on sys.path (python -m does): ./myrw.py
+    # must load either way
+    from ampo.rewards.python import PythonReward
+
+    (tmp_path / "ampo_cwd_reward.py").write_text("def score(prompts, responses):\n    return [1.5] * len(responses)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    reward = PythonReward("ampo_cwd_reward:score")
+    assert reward.fn(["p"], ["a", "b"]) == [1.5, 1.5]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import numbers
+import os
+import sys
 
 import numpy as np
 
@@ -16,6 +18,8 @@ class PythonReward:
 
     def __init__(self, spec: str):
         module_name, _, attr = spec.partition(":")
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.append(os.getcwd())  # as `python -m` does: the `ampo` script finds ./my_rewards.py too
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:

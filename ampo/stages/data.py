@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 
 import numpy as np
@@ -148,8 +149,15 @@ def select(ctx: RoundContext) -> dict:
     padded = pools.padded()
     options = {name: getattr(sel, name) for name in SELECT_OPTIONS.get(sel.method, ())}
     seeds = np.array([derive_seed(ctx.run, ctx.round, pid, sel.seed) for pid in pools.prompt_ids])  # (P,)
-    selections = select_batch(sel.method, padded.rewards, padded.vectors, sel.k, seed=seeds,
-                              lengths=padded.lengths, **options)  # fmt: skip
+    try:
+        selections = select_batch(sel.method, padded.rewards, padded.vectors, sel.k, seed=seeds,
+                                  lengths=padded.lengths, **options)  # fmt: skip
+    except ValueError as err:  # the selector names a position in the batch: name the prompt id too
+        match = re.match(r"prompt (\d+): ", str(err))
+        if match is None:
+            raise
+        raise ValueError(f"prompt id {pools.prompt_ids[int(match.group(1))]!r} (run {ctx.run!r} round {ctx.round}): "
+                         f"{str(err)[match.end():]}") from err
     ids, roles, clusters = [], [], []
     for i, s in enumerate(selections):
         for role, local in (("chosen", s.chosen), ("rejected", s.rejected)):
