@@ -153,11 +153,12 @@ def select(ctx: RoundContext) -> dict:
         selections = select_batch(sel.method, padded.rewards, padded.vectors, sel.k, seed=seeds,
                                   lengths=padded.lengths, **options)  # fmt: skip
     except ValueError as err:  # the selector names a position in the batch: name the prompt id too
-        match = re.match(r"prompt (\d+): ", str(err))
+        text = str(err)
+        match = re.search(r"prompt (\d+): ", text)
         if match is None:
             raise
-        raise ValueError(f"prompt id {pools.prompt_ids[int(match.group(1))]!r} (run {ctx.run!r} round {ctx.round}): "
-                         f"{str(err)[match.end():]}") from err
+        named = f"prompt id {pools.prompt_ids[int(match.group(1))]!r} (run {ctx.run!r} round {ctx.round}): "
+        raise ValueError(text[: match.start()] + named + text[match.end() :]) from err
     ids, roles, clusters = [], [], []
     for i, s in enumerate(selections):
         for role, local in (("chosen", s.chosen), ("rejected", s.rejected)):
