@@ -394,3 +394,13 @@ def test_a_python_reward_module_in_the_working_directory_is_found(tmp_path, monk
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     reward = PythonReward("ampo_cwd_reward:score")
     assert reward.fn(["p"], ["a", "b"]) == [1.5, 1.5]
+
+
+def test_kwargs_that_build_but_cannot_check_are_refused_before_scoring():
+    from ampo.rewards.verifiable import build_checkers
+
+    # ratio:overlap with a percentage but no reference_text builds, then fails on every response (TypeError)
+    prompt = Prompt(prompt_id="p1", prompt="Write.", instruction_id_list=["ratio:overlap"], kwargs=[{"percentage": 50}])
+    with pytest.raises(ValueError, match=r"'ratio:overlap' of prompt 'p1': kwargs \{'percentage': 50\} leave its "
+                                         r"checker unable to check a response \(TypeError"):
+        build_checkers(prompt)

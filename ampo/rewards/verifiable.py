@@ -105,6 +105,13 @@ def build_checkers(prompt: Prompt) -> list:
         drawn = sorted(k for k, v in (checker.get_instruction_args() or {}).items() if v is not None and k not in given)
         if drawn:
             raise ValueError(f"{where} lacks kwargs {drawn}; its checker would draw them at random")
+        try:  # kwargs can pass build_description and still leave the check broken (e.g. a ratio without its text)
+            checker.check_following("A short probe sentence.")
+        except (TypeError, AttributeError) as e:
+            raise ValueError(f"{where}: kwargs {given} leave its checker unable to check a response "
+                             f"({type(e).__name__}: {e})") from e
+        except Exception:  # noqa: BLE001 - any other outcome on the probe text says nothing about the kwargs
+            pass
         checkers.append(checker)
     return checkers
 
