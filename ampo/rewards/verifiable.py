@@ -110,7 +110,7 @@ def build_checkers(prompt: Prompt) -> list:
         except (TypeError, AttributeError) as e:
             raise ValueError(f"{where}: kwargs {given} leave its checker unable to check a response "
                              f"({type(e).__name__}: {e})") from e
-        except Exception:  # noqa: BLE001 - any other outcome on the probe text says nothing about the kwargs
+        except Exception:  # noqa: BLE001, S110 - any other outcome on the probe text says nothing about the kwargs
             pass
         checkers.append(checker)
     return checkers
