@@ -297,9 +297,7 @@ def make_accelerator(cfg: TrainConfig, runtime: RuntimeConfig):
     cpu = runtime.device == "cpu" or not torch.cuda.is_available()
     mixed = {"auto": "no" if cpu else "bf16", "float32": "no", "bfloat16": "bf16"}[cfg.dtype]
     fresh_accelerate_state()
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"  # set by accelerate launch
-    accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=1 if deepspeed else cfg.grad_accum,
-                              mixed_precision=mixed)  # fmt: skip
+    accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed)
     configure_deepspeed(accelerator, cfg)
     return accelerator
 
@@ -308,17 +306,20 @@ def configure_deepspeed(accelerator, cfg: TrainConfig) -> None:
     """Fill in what DeepSpeed needs before `prepare`, which sees no dataloader here. No-op without DeepSpeed.
 
     - train_micro_batch_size_per_gpu: groups per micro-batch (accelerate refuses "auto" without a dataloader).
-    - gradient_accumulation_steps 1: StepRunner marks the accumulation boundary itself (sync_gradients, which
-      accelerate hands to the engine) and scales the loss itself; DeepSpeed's own GAS would divide it again.
+    - gradient_accumulation_steps: grad_accum, as the Accelerator has it. The loss is divided by it once in
+      either case (by accelerator.backward without DeepSpeed, by the engine's backward with it), which is what
+      StepRunner's scale assumes; the boundary itself is StepRunner's sync_gradients, handed to the engine.
     - gradient_clipping: max_grad_norm; DeepSpeed clips inside its step, accelerate's clip_grad_norm_ only
       reads the norm back.
     """
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
         return
-    plugin.deepspeed_config.update({"train_micro_batch_size_per_gpu": cfg.groups_per_step,
-                                    "gradient_accumulation_steps": 1, "gradient_clipping": cfg.max_grad_norm,
-                                    "train_batch_size": cfg.groups_per_step * accelerator.num_processes})
+    plugin.deepspeed_config.update({
+        "train_micro_batch_size_per_gpu": cfg.groups_per_step, "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.max_grad_norm,
+        "train_batch_size": cfg.groups_per_step * cfg.grad_accum * accelerator.num_processes,
+    })
 
 
 def fresh_accelerate_state() -> None:

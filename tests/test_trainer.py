@@ -330,7 +330,7 @@ def test_a_bf16_tied_parent_gives_a_bf16_tied_checkpoint(tmp_path):
     assert trained.dtype == torch.bfloat16 and trained.lm_head.weight is trained.model.embed_tokens.weight
 
 
-def test_deepspeed_gets_micro_batch_clipping_and_no_second_accumulation():
+def test_deepspeed_gets_micro_batch_clipping_and_the_same_accumulation():
     from types import SimpleNamespace
 
     from ampo.trainer import configure_deepspeed
@@ -339,9 +339,10 @@ def test_deepspeed_gets_micro_batch_clipping_and_no_second_accumulation():
                                                "gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 3}})
     acc = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=8)
     configure_deepspeed(acc, tiny_cfg(groups_per_step=2, grad_accum=4, max_grad_norm=0.5))
-    # 2 groups per micro-batch x 1 (our own accumulation) x 8 processes = 16
+    # 2 groups per micro-batch x accumulation 4 x 8 processes = 64; the engine divides the loss by 4 as
+    # accelerator.backward does without DeepSpeed, so StepRunner's scale holds for both
     assert plugin.deepspeed_config == {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.5,
-                                       "gradient_accumulation_steps": 1, "train_batch_size": 16,
+                                       "gradient_accumulation_steps": 4, "train_batch_size": 64,
                                        "zero_optimization": {"stage": 3}}
     configure_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)), tiny_cfg())  # no-op
 
