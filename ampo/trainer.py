@@ -388,7 +388,7 @@ def resume(accelerator, output_dir: Path, identity: dict) -> tuple[int, list[dic
     if state_dir is None:
         return 0, []
     state = read_trainer_state(state_dir)
-    differs = {k: (state.get(k), v) for k, v in identity.items() if state.get(k) != v}
+    differs = identity_differences(state, identity)
     if differs:
         raise ValueError(f"{state_dir} was saved by a different run (saved, now): {differs}; "
                          f"use a new output_dir or delete {state_dir.parent}")
@@ -446,12 +446,16 @@ def build_manifest(policy_path: str, loss_fn: LossFn, cfg: TrainConfig, identity
     return {**{k: None for k in CALLER_KEYS}, **manifest, **extra}
 
 
+def identity_differences(saved: dict, now: dict) -> dict:
+    """key -> (saved, now) for each key of `now` whose saved value differs: what makes a saved state or
+    checkpoint belong to another run."""
+    return {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+
+
 def check_finished_checkpoint(path: Path, config_id: str, data_id: str) -> None:
     """A finished checkpoint is reused only if it was trained with this config and these groups; otherwise
     reusing it would silently keep other weights, and overwriting it could destroy a promoted model."""
-    manifest = load_checkpoint_manifest(path)
-    differs = {k: (manifest.get(k), v) for k, v in (("config_hash", config_id), ("data_hash", data_id))
-               if manifest.get(k) != v}  # fmt: skip
+    differs = identity_differences(load_checkpoint_manifest(path), {"config_hash": config_id, "data_hash": data_id})
     if differs:
         raise ValueError(f"{path} is a finished checkpoint of another training config or data (manifest, now): "
                          f"{differs}; train into a new output_dir, or move that folder away first")
