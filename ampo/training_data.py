@@ -48,7 +48,7 @@ class Group:
     def size(self) -> int:
         return len(self.responses)
 
-    def best_vs_worst(self) -> "Group":
+    def best_vs_worst(self) -> Group:
         """The pair a pairwise loss (DPO, SimPO) trains on: the highest-reward chosen member against the
         lowest-reward rejected one, ties to the lower index. A group without both roles comes back as it is
         (the loss finds it untrainable and it is counted as skipped)."""
