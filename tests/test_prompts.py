@@ -269,8 +269,19 @@ def test_eval_prompts_gives_each_source_separately(tmp_path):
 def test_eval_ifbench_keeps_only_prompts_whose_checkers_run_here():
     from ampo.rewards.verifiable import unsupported_instructions
 
-    kept = eval_prompts(EvalConfig(sources=["ifbench"], max_prompts=1000), PromptsConfig())["ifbench"]
     unsupported = unsupported_instructions()
+    kept = eval_prompts(EvalConfig(sources=["ifbench"], max_prompts=1000), PromptsConfig(),
+                        unsupported=unsupported)["ifbench"]
     left_out = [p for p in ifbench_test_prompts() if set(p.instruction_id_list) & unsupported.keys()]
     assert len(kept) + len(left_out) == 294
     assert not any(set(p.instruction_id_list) & unsupported.keys() for p in kept)
+
+
+def test_eval_ifbench_leaves_out_exactly_the_prompts_carrying_a_named_instruction():
+    every = ifbench_test_prompts()
+    blocked = every[0].instruction_id_list[0]  # the first test prompt's first instruction, said to be uncheckable
+    kept = eval_prompts(EvalConfig(sources=["ifbench"], max_prompts=1000), PromptsConfig(),
+                        unsupported={blocked: "a reason"})["ifbench"]
+    expected = [p.prompt_id for p in every if blocked not in p.instruction_id_list]
+    assert [p.prompt_id for p in kept] == expected and every[0].prompt_id not in expected
+    assert len(expected) < len(every)

@@ -1,14 +1,16 @@
 """Where prompts come from: the training source of each round, and the held-out evaluation sources.
 
 Training: `training_prompts(cfg, round)` dispatches on `cfg.source` through TRAINING_SOURCES. Evaluation:
-`eval_prompts(eval_cfg, prompts_cfg)` through EVAL_SOURCES. The IFBench test set is only ever an evaluation source:
-the training path refuses its file (by resolved path or content hash) and any prompt whose text is one of its prompts.
+`eval_prompts(eval_cfg, prompts_cfg, unsupported=...)` through EVAL_SOURCES. The IFBench test set is only ever an
+evaluation source: the training path refuses its file (by resolved path or content hash) and any prompt whose text is
+one of its prompts. This package knows nothing of the checkers: the caller says which instructions cannot be checked
+here (ampo.rewards.verifiable.unsupported_instructions), so prompts never import rewards.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from ampo.config import EvalConfig, PromptsConfig
 from ampo.prompts.generator import (
@@ -92,16 +94,20 @@ TRAINING_SOURCES: dict[str, Callable[[PromptsConfig, int], list[Prompt]]] = {
 }
 
 
-def eval_prompts(cfg: EvalConfig, prompts_cfg: PromptsConfig) -> dict[str, list[Prompt]]:
-    """{source: its first `cfg.max_prompts` prompts} for each of `cfg.sources`; never a training slice."""
-    return {source: EVAL_SOURCES[source](cfg, prompts_cfg)[: cfg.max_prompts] for source in cfg.sources}
+def eval_prompts(cfg: EvalConfig, prompts_cfg: PromptsConfig, *,
+                 unsupported: Mapping[str, str] | None = None) -> dict[str, list[Prompt]]:
+    """{source: its first `cfg.max_prompts` prompts} for each of `cfg.sources`; never a training slice.
+
+    unsupported: {instruction id: why its checker cannot run here}; IFBench prompts carrying one are left out (and
+    counted in the log). None: every instruction is taken as checkable.
+    """
+    unsupported = dict(unsupported or {})
+    return {source: EVAL_SOURCES[source](cfg, prompts_cfg, unsupported)[: cfg.max_prompts]
+            for source in cfg.sources}
 
 
-def _ifbench_eval(cfg: EvalConfig, prompts_cfg: PromptsConfig) -> list[Prompt]:
+def _ifbench_eval(cfg: EvalConfig, prompts_cfg: PromptsConfig, unsupported: Mapping[str, str]) -> list[Prompt]:
     """IFBench test prompts whose checkers all run here; the others are logged with their count and left out."""
-    from ampo.rewards.verifiable import unsupported_instructions
-
-    unsupported = unsupported_instructions()
     prompts = ifbench_test_prompts()
     kept = [p for p in prompts if not unsupported.keys() & set(p.instruction_id_list)]
     if len(kept) < len(prompts):
@@ -110,19 +116,19 @@ def _ifbench_eval(cfg: EvalConfig, prompts_cfg: PromptsConfig) -> list[Prompt]:
     return kept
 
 
-def _heldout_eval(cfg: EvalConfig, prompts_cfg: PromptsConfig) -> list[Prompt]:
+def _heldout_eval(cfg: EvalConfig, prompts_cfg: PromptsConfig, unsupported: Mapping[str, str]) -> list[Prompt]:
     if prompts_cfg.heldout == 0:
         raise ValueError("eval source 'heldout' needs prompts.heldout > 0 generated prompts reserved for evaluation")
     return heldout_prompts(prompts_cfg.seed, prompts_cfg.heldout)
 
 
-def _jsonl_eval(cfg: EvalConfig, prompts_cfg: PromptsConfig) -> list[Prompt]:
+def _jsonl_eval(cfg: EvalConfig, prompts_cfg: PromptsConfig, unsupported: Mapping[str, str]) -> list[Prompt]:
     if not cfg.path:
         raise ValueError("eval source 'jsonl' needs eval.path")
     return read_jsonl(cfg.path)
 
 
-EVAL_SOURCES: dict[str, Callable[[EvalConfig, PromptsConfig], list[Prompt]]] = {
+EVAL_SOURCES: dict[str, Callable[[EvalConfig, PromptsConfig, Mapping[str, str]], list[Prompt]]] = {
     "ifbench": _ifbench_eval,
     "heldout": _heldout_eval,
     "jsonl": _jsonl_eval,

@@ -26,9 +26,10 @@ def evaluate(ctx: RoundContext) -> StageResult:
     """Generate with the candidate and the champion on the held-out prompts, score both with the same rewards."""
     from ampo.prompts import eval_prompts
     from ampo.rewards import RewardStack
+    from ampo.rewards.verifiable import unsupported_instructions
 
     candidate = _candidate(ctx)
-    by_source = eval_prompts(ctx.cfg.eval, ctx.cfg.prompts)
+    by_source = eval_prompts(ctx.cfg.eval, ctx.cfg.prompts, unsupported=unsupported_instructions())
     prompts = [p for source in by_source.values() for p in source]
     if not prompts:
         raise ValueError(f"the evaluation sources {ctx.cfg.eval.sources} hold no prompts")
