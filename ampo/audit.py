@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ampo.gates import gate_summary
 from ampo.store import Store, filters
 from ampo.store.tables import scan
 
@@ -25,7 +26,7 @@ def runs_overview(store: Store) -> list[dict]:
                                                                             else f"{r['stage']}:{r['status']}")
         item["seconds"] += r["seconds"] or 0.0
         if r["gate"]:
-            item["gate"] = "promoted" if json.loads(r["gate"])["passed"] else "rejected"
+            item["gate"] = gate_summary(json.loads(r["gate"]))
     for item in out.values():
         champion = store.champion(item["run"])
         item["champion"] = champion["id"] if champion else None

@@ -306,10 +306,21 @@ def _cell(value) -> str:
     return text if len(text) <= 80 else text[:77].replace("\n", " ") + "..."
 
 
+def _eval_cells(metrics: dict) -> list[str]:
+    """Champion reward, candidate reward and win rate of an evaluate record, each with its one-sided bounds."""
+    if "difference" in metrics:
+        from ampo.gates import Interval
+
+        ivs = (metrics["champion"]["mean_reward"], metrics["candidate"]["mean_reward"], metrics["win_rate"])
+        return [Interval(**iv).text(".3f") for iv in ivs]
+    return [_cell(metrics.get(k)) for k in ("champion/mean_reward", "candidate/mean_reward", "eval/win_rate")]
+
+
 def _print_round_table(cfg, run: str, round_: int, config_path: Path, overrides: list[str] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from ampo.gates import gate_summary
     from ampo.stages.context import open_store
 
     store = open_store(cfg)
@@ -320,9 +331,7 @@ def _print_round_table(cfg, run: str, round_: int, config_path: Path, overrides:
     table = Table("round", "prompts", "responses", "selected", "reward before", "reward after", "win rate", "gate",
                   title=f"run {run}")
     table.add_row(str(round_), str(counts("generate").get("prompts", "-")), str(store.count(run, round_)),
-                  str(counts("select").get("selected", "-")), _cell(metrics.get("champion/mean_reward")),
-                  _cell(metrics.get("candidate/mean_reward")), _cell(metrics.get("eval/win_rate")),
-                  "promoted" if gate.get("passed") else "rejected")
+                  str(counts("select").get("selected", "-")), *_eval_cells(metrics), gate_summary(gate) or "-")
     console = Console(width=max(Console().width, 120))  # the table and the commands stay unwrapped in logs
     console.print(table)
     for reason in gate.get("reasons", []):

@@ -154,11 +154,18 @@ class TrainConfig(_Frozen):
 
 
 class Gates(_Frozen):
-    """A candidate is promoted only if every gate set here passes."""
+    """A candidate is promoted only if every gate set here passes, judged on one-sided bootstrap bounds (docs/gates.md)."""
 
     min_win_rate: float | None = Field(0.5, ge=0.0, le=1.0)  # head-to-head vs the champion, ties count half
     min_reward_gain: float | None = None  # candidate mean reward - champion mean reward
     max_length_ratio: float | None = Field(2.0, gt=0.0)  # candidate mean length / champion mean length
+    # superiority: promote only when the pessimistic bound clears every threshold; non_inferiority: reject only
+    # when the optimistic bound misses one (the evaluation shows the candidate worse than the threshold allows)
+    mode: Literal["non_inferiority", "superiority"] = "non_inferiority"
+    confidence: float = Field(0.9, ge=0.5, lt=1.0)  # one-sided level of the bounds
+    bootstrap_samples: int = Field(2000, ge=100)  # paired resamples of the evaluation prompts
+    bootstrap_seed: int = 0
+    on_unchanged: Literal["promote", "keep"] = "promote"  # candidate answers identical to the champion's
 
 
 class EvalConfig(_Frozen):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ampo.gates import evaluation_markdown, gate_summary
+
 STAGE_ORDER = ("generate", "score", "embed", "select", "reflogps", "train", "evaluate", "promote")
 
 
@@ -64,8 +66,11 @@ def markdown_summary(run: str, round_: int, stages: dict[str, dict], stats: dict
     if decision is None:
         lines.append("not decided (the round did not reach the promote stage)")
     else:
-        lines.append(f"**{'promoted' if decision.get('passed') else 'rejected'}**")
+        lines.append(f"**{gate_summary(decision)}**")
         lines += [f"- {reason}" for reason in decision.get("reasons", [])]
+    evaluation = evaluation_markdown((stages.get("evaluate") or {}).get("metrics"))
+    if evaluation:
+        lines += ["", "## Evaluation", "", *evaluation]
     return "\n".join(lines) + "\n"
 
 
@@ -126,6 +131,9 @@ def plot_rounds(metrics: list[dict], path: Path) -> Path:
     a.set(xlabel="round", ylabel="mean eval reward", title="Reward by round")
     a.legend()
     b.plot(rounds, [m.get("win_rate") for m in metrics], "o-")
+    bounded = [m for m in metrics if m.get("win_rate_bounds")]
+    if bounded:  # the one-sided bounds of the gate's bootstrap
+        b.fill_between([m["round"] for m in bounded], *zip(*[m["win_rate_bounds"] for m in bounded]), alpha=0.2)
     b.axhline(0.5, color="grey", lw=0.8)
     b.set(xlabel="round", ylabel="win rate vs champion", title="Head-to-head", ylim=(0, 1))
     for axis in (a.xaxis, b.xaxis):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ampo.gates import PolicyMetrics, decide, policy_metrics, win_rate
+from ampo.gates import Answers, Evaluation, compare, decide
 from ampo.stages.context import RoundContext, candidate_checkpoint_id, write_json_atomic
 
 
@@ -38,11 +38,8 @@ def evaluate(ctx: RoundContext) -> StageResult:
     champion = _cached_outputs(ctx, ctx.start, prompts, stack, key)
     outputs = _cached_outputs(ctx, candidate, prompts, stack, key)  # if promoted, next round's champion: cached
     write_json_atomic(ctx.dir / "eval-candidate.json", {k: v for k, v in outputs.items() if k != "cached"})
-    cand_m, champ_m = _metrics(outputs, prompts), _metrics(champion, prompts)
-    wins = win_rate(np.array(outputs["rewards"]), np.array(champion["rewards"]))
-    metrics = {f"candidate/{k}": v for k, v in cand_m.as_dict().items()}
-    metrics |= {f"champion/{k}": v for k, v in champ_m.as_dict().items()}
-    metrics["eval/win_rate"] = wins
+    evaluation = compare(_answers(outputs, prompts), _answers(champion, prompts), ctx.cfg.eval.gates)
+    metrics = evaluation.model_dump()  # structured: promote reads it back with Evaluation.model_validate
     counts = {"prompts": len(prompts), **{f"prompts/{s}": len(v) for s, v in by_source.items()},
               "champion_cached": int(champion.get("cached", False))}  # fmt: skip
     return StageResult(counts, metrics)
@@ -112,11 +109,12 @@ def _policy_outputs(ctx: RoundContext, policy: dict, prompts: list, stack) -> di
             "rewards": scored.total.tolist(), "lengths": [s.n_tokens for s in samples], "followed": followed}
 
 
-def _metrics(outputs: dict, prompts: list) -> PolicyMetrics:
+def _answers(outputs: dict, prompts: list) -> Answers:
     if outputs["prompt_ids"] != [p.prompt_id for p in prompts]:
         raise ValueError(f"cached evaluation of {outputs['policy']} is for other prompts; delete it to recompute")
     followed = [[tuple(pair) for pair in f] for f in outputs["followed"]]
-    return policy_metrics(np.array(outputs["rewards"]), np.array(outputs["lengths"]), followed)
+    return Answers(list(outputs["responses"]), np.array(outputs["rewards"], float), np.array(outputs["lengths"], float),
+                   followed)
 
 
 def promote(ctx: RoundContext) -> StageResult:
@@ -125,9 +123,10 @@ def promote(ctx: RoundContext) -> StageResult:
     if record is None or record["status"] != "done":
         raise ValueError(f"run {ctx.run!r} round {ctx.round}: the evaluate stage has not finished")
     m = record["metrics"]
-    cand, champ = (PolicyMetrics(**{k.split("/", 1)[1]: v for k, v in m.items() if k.startswith(f"{who}/")})
-                   for who in ("candidate", "champion"))  # fmt: skip
-    decision = decide(ctx.cfg.eval.gates, cand, champ, m["eval/win_rate"])
+    if "difference" not in m:
+        raise ValueError(f"run {ctx.run!r} round {ctx.round}: the evaluate record predates intervals; run the evaluate"
+                         f" stage again (force) to compute them")  # fmt: skip
+    decision = decide(ctx.cfg.eval.gates, Evaluation.model_validate(m))
     ckpt_id = candidate_checkpoint_id(ctx.run, ctx.round)
     ctx.store.upsert_checkpoint({"id": ckpt_id, "metrics": {**m, "gate": decision.as_dict()}})
     if decision.passed:

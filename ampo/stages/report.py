@@ -6,6 +6,7 @@ import numpy as np
 
 from ampo import report
 from ampo.config import RunConfig
+from ampo.gates import history_row
 from ampo.stages.context import open_store, round_dir
 
 MAP_PROMPTS = 4  # prompts drawn in the 2-D embedding map
@@ -51,8 +52,7 @@ def rounds_history(cfg: RunConfig, run: str) -> list[dict]:
             return history
         m = (status.get("evaluate") or {}).get("metrics") or {}
         if m:
-            history.append({"round": round_, "champion_reward": m.get("champion/mean_reward"),
-                            "candidate_reward": m.get("candidate/mean_reward"), "win_rate": m.get("eval/win_rate")})
+            history.append(history_row(round_, m))
         round_ += 1
 
 
