@@ -6,12 +6,24 @@ into an error instead of a silent no-op.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+    model_validator,
+)
+
+from ampo.losses import AmpoConfig, LossConfig  # the loss section: one config per registered loss
+from ampo.selection.registry import DEFAULT_METHOD, REGISTRY  # the selection section: one config per method
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # safe in ids, paths and store filters
 
@@ -104,26 +116,46 @@ class StoreConfig(_Frozen):
     uri: str = ".ampo/store"  # a local folder or an object-store URI (s3://, gs://, az://)
 
 
-class SelectionConfig(_Frozen):
-    method: Literal["bottomk", "coreset", "optselect", "random", "extremes", "mean_split", "top_bottom"] = "coreset"
+class PotentialPrefilter(_Frozen):
+    """Keep the top `fraction` of the round's informative prompts by alignment potential M_AP (spec 4.1):
+    M_AP = z(rm_margin) - logp_weight * z(|gen_logp_mean chosen - rejected|) of each pool's best-vs-worst pair."""
+
+    fraction: float = Field(0.4, gt=0.0, le=1.0)  # spec 4.1: select_ratio 0.4 (metric_selection.py's default)
+    logp_weight: float = Field(1.0, ge=0.0, allow_inf_nan=False)  # 1: metric "rm-logp"; other w: "rm-xlogp"
+
+
+class SelectionBase(_Frozen):
+    """What every selection method shares; each method adds `method` and its options (ampo.selection.REGISTRY)."""
+
     k: int = Field(7, ge=1)  # negatives per prompt: AMPO stores 1 positive + 7 negatives (spec 3.1)
     seed: int = 0
-    solver: Literal["local_search", "exact"] = "local_search"  # optselect
-    weight_temperature: float = Field(1.0, gt=0.0)  # optselect: w = exp((mean r - r) / T) (spec A7)
-    cluster_on: Literal["candidates", "all"] = "candidates"  # coreset (spec A5)
-    m: int = Field(2, ge=1)  # top_bottom: top-m vs bottom-m
+    # pools whose reward spread (max - min) is below this are skipped and counted; a spread equal to it is kept;
+    # 0 keeps every pool. 1e-6: uniform pools (all rewards equal) go, any real difference stays
+    min_reward_spread: float = Field(1e-6, ge=0.0, allow_inf_nan=False)
+    potential: PotentialPrefilter | None = None  # None: no M_AP prefilter
+
+    def options(self) -> dict:
+        """The method's options as keyword arguments for select / select_batch."""
+        return {name: getattr(self, name) for name in REGISTRY[self.method].options.model_fields}
 
 
-class LossConfig(_Frozen):
-    name: Literal["ampo", "mpo", "dpo", "simpo", "infonca", "refa_infonca"] = "ampo"
-    beta: float | None = Field(None, gt=0.0)  # None: the loss's own default (ampo 10, simpo 10, dpo/mpo 0.1)
-    gamma: float = Field(3.0, gt=0.0)  # ampo: weight of the negative set (REFA eq. 6; spec 3.4)
-    alpha: float = 0.0  # deviation weighting; 0 = unweighted
-    alpha_inside_beta: bool = False  # ampo: appendix form beta*(lp + alpha*dev) (spec A3)
-    weight_mode: Literal["none", "signed", "abs", "pow"] = "abs"  # mpo deviation weights (spec A1)
-    p: int = Field(1, ge=1, le=2)  # mpo weight_mode=pow exponent
-    gamma_beta_ratio: float = 0.3  # simpo
-    eos_lambda: float = Field(0.0, ge=0.0)  # REFA EOS regulariser weight (spec 2.5); 0 = off
+def _selection_model(method: str) -> type[SelectionBase]:
+    """The config of one registered method: the shared fields, `method`, and the method's options model."""
+    name = "".join(part.title() for part in method.split("_")) + "Selection"
+    bases = (SelectionBase, REGISTRY[method].options)
+    return create_model(name, __base__=bases, __module__=__name__, method=(Literal[method], method))
+
+
+def _method_of(value) -> str | None:
+    """The union's tag: `method`, DEFAULT_METHOD when a mapping leaves it out."""
+    return value.get("method", DEFAULT_METHOD) if isinstance(value, dict) else getattr(value, "method", None)
+
+
+SELECTION_MODELS = {method: _selection_model(method) for method in REGISTRY}
+SelectionConfig = Annotated[  # the run config's `selection`: an option the method does not take is an error
+    Union[tuple(Annotated[model, Tag(method)] for method, model in SELECTION_MODELS.items())],  # noqa: UP007
+    Discriminator(_method_of),
+]
 
 
 class LoraConfig(_Frozen):
@@ -195,23 +227,25 @@ class RunConfig(_Frozen):
     reward: RewardConfig = RewardConfig()
     embedding: EmbeddingConfig = EmbeddingConfig()
     store: StoreConfig = StoreConfig()
-    selection: SelectionConfig = SelectionConfig()
-    loss: LossConfig = LossConfig()
+    selection: SelectionConfig = Field(default_factory=SELECTION_MODELS[DEFAULT_METHOD])
+    loss: LossConfig = AmpoConfig()  # a registered loss chosen by `name` (ampo.losses.LOSSES)
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")
-    def _pool_fits_k(self) -> RunConfig:
-        if self.selection.method in ("bottomk", "coreset", "optselect") and self.selection.k > self.generation.n - 1:
-            raise ValueError(
-                f"selection.k={self.selection.k} needs at least k+1={self.selection.k + 1} responses per prompt, "
-                f"but generation.n={self.generation.n}"
-            )
+    def _pool_fits_selection(self) -> RunConfig:
+        sel = self.selection
+        need = REGISTRY[sel.method].min_pool(sel.k, sel)
+        if self.generation.n < need:
+            settings = ", ".join(f"{name}={value!r}" for name, value in {"k": sel.k, **sel.options()}.items())
+            raise ValueError(f"selection.method={sel.method!r} ({settings}) needs at least {need} responses per "
+                             f"prompt, but generation.n={self.generation.n}")
         return self
 
 
-RunId = Annotated[str, Field(pattern=RUN_ID_PATTERN)]
+RunId = Annotated[str, Field(pattern=RUN_ID_PATTERN)]  # the one definition of a valid run id; flows take it as a type
+_RUN_ID = TypeAdapter(RunId)
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
@@ -229,7 +263,23 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
         raise ValueError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     for key, value in (overrides or {}).items():
         _set_nested(data, key.split("."), value)
-    return RunConfig.model_validate(data)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ValueError(f"{path}: {validation_message(err)}") from None
+
+
+def validation_message(err: ValidationError) -> str:
+    """A pydantic error as one line: `field.path: problem (got value)` per error, joined by '; '."""
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "config"
+        problem = e["msg"].removeprefix("Value error, ")
+        value = e.get("input")
+        got = repr(value) if isinstance(value, str | int | float | bool) or value is None else ""
+        got = f" (got {got})" if got and len(got) <= 60 and e["type"] != "missing" else ""
+        parts.append(f"{where}: {problem}{got}")
+    return " ".join("; ".join(parts).split())
 
 
 def _set_nested(data: dict, keys: list[str], value) -> None:
@@ -239,7 +289,9 @@ def _set_nested(data: dict, keys: list[str], value) -> None:
 
 
 def validate_run_id(run_id: str) -> str:
-    """Return `run_id` if it is safe in row ids, paths and store filters; raise otherwise."""
-    if not re.fullmatch(RUN_ID_PATTERN, run_id):
-        raise ValueError(f"run id {run_id!r} must match {RUN_ID_PATTERN} (letters, digits, '_', '.', '-'; max 64)")
-    return run_id
+    """Return `run_id` if it is a `RunId` (safe in row ids, paths and store filters); raise ValueError otherwise."""
+    try:
+        return _RUN_ID.validate_python(run_id, strict=True)
+    except ValidationError:
+        raise ValueError(f"run id {run_id!r} must match {RUN_ID_PATTERN} (letters, digits, '_', '.', '-'; max 64)"
+                         ) from None

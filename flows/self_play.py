@@ -8,13 +8,13 @@ from contextlib import contextmanager
 from prefect import flow
 
 from ampo import stages
-from ampo.config import RunConfig, validate_run_id
+from ampo.config import RunConfig, RunId, validate_run_id
 from ampo.runlock import run_lock
 from tasks.stages import STAGE_TASKS, report
 
 
 @flow(name="self-play-round", log_prints=True, validate_parameters=True)
-def self_play_round(config: RunConfig, run_id: str, round: int | None = None, wait_s: float = 0.0) -> dict:
+def self_play_round(config: RunConfig, run_id: RunId, round: int | None = None, wait_s: float = 0.0) -> dict:
     """Run (or resume) one round: generate, score, embed, select, reflogps, train, evaluate, promote.
 
     Finished stages are skipped, so re-running after a crash finishes the rest. `round=None` takes the next one.
@@ -31,7 +31,7 @@ def self_play_round(config: RunConfig, run_id: str, round: int | None = None, wa
 
 
 @flow(name="self-play", log_prints=True, validate_parameters=True)
-def self_play(config: RunConfig, run_id: str, rounds: int = 1, wait_s: float = 0.0) -> list[dict]:
+def self_play(config: RunConfig, run_id: RunId, rounds: int = 1, wait_s: float = 0.0) -> list[dict]:
     """Run `rounds` more rounds of `run_id`, each starting from the current champion."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")

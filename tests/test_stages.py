@@ -221,3 +221,23 @@ def test_cli_export_audit_and_bad_input(finished_round, tmp_path, monkeypatch, c
     bad.write_text("policy: [x\n")
     status, _, err = _cli(monkeypatch, capsys, "status", "-c", bad)
     assert status == 2 and err.startswith(f"error: {bad}: not valid YAML at line 2") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("bad", ["a/b", "-x", "a b", "x" * 65, "it's"])
+def test_run_ids_are_checked_by_the_runid_type_everywhere(tmp_path, bad):
+    """One definition (ampo.config.RunId): the flow parameters, the stage runner and the store helpers all refuse."""
+    from prefect.exceptions import ParameterTypeError
+
+    from ampo.store import filters
+    from flows.self_play import self_play, self_play_round
+
+    cfg = smoke_config(tmp_path)
+    for flow in (self_play_round, self_play):  # Prefect validates the annotation before a run starts
+        with pytest.raises(ParameterTypeError, match="run_id"):
+            flow.validate_parameters({"config": cfg.model_dump(mode="json"), "run_id": bad})
+        assert flow.validate_parameters({"config": cfg.model_dump(mode="json"), "run_id": "ok.run-1"})["run_id"] \
+            == "ok.run-1"
+    with pytest.raises(ValueError, match="run id .* must match"):
+        run_stage("generate", cfg, bad, 0)
+    with pytest.raises(ValueError, match="run id .* must match"):
+        filters.run_is(bad)
