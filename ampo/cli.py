@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -37,7 +39,9 @@ def _config(path: Path, overrides: list[str] | None):
             raise ValueError(f"--set {item!r}: expected key.path=value")
         key, value = item.split("=", 1)
         pairs[key.strip()] = yaml.safe_load(value)
-    return load_config(path, pairs)
+    cfg = load_config(path, pairs)
+    _STORE_URI["uri"] = cfg.store.uri
+    return cfg
 
 
 def _prefect_env() -> None:
@@ -64,10 +68,10 @@ def demo(
     _offline_env()
     _prefect_env()
     cfg = _config(config, overrides)
-    _precheck(cfg, run)
     from flows.self_play import local_flow_settings, self_play_round
 
-    with local_flow_settings():
+    _quiet_prefect_tracebacks()
+    with _precheck(cfg, run), local_flow_settings():
         result = self_play_round(cfg, run)
     _print_round_table(cfg, run, result["round"], config, overrides)
 
@@ -81,10 +85,10 @@ def round_(
     """Run (or resume) one round as a Prefect flow run."""
     _prefect_env()
     cfg = _config(config, overrides)
-    _precheck(cfg, run, round_=round_, wait=wait)
     from flows.self_play import local_flow_settings, self_play_round
 
-    with local_flow_settings():
+    _quiet_prefect_tracebacks()
+    with _precheck(cfg, run, round_=round_, wait=wait), local_flow_settings():
         result = self_play_round(cfg, run, round_, wait)
     _print_round_table(cfg, run, result["round"], config, overrides)
 
@@ -98,10 +102,10 @@ def run_rounds(
     """Run N more rounds of a run as a Prefect flow run, each from the current champion."""
     _prefect_env()
     cfg = _config(config, overrides)
-    _precheck(cfg, run, rounds=rounds, wait=wait)
     from flows.self_play import local_flow_settings, self_play
 
-    with local_flow_settings():
+    _quiet_prefect_tracebacks()
+    with _precheck(cfg, run, rounds=rounds, wait=wait), local_flow_settings():
         results = self_play(cfg, run, rounds, wait)
     for result in results:
         _print_round_table(cfg, run, result["round"], config, overrides)
@@ -122,7 +126,7 @@ def stage(
     cfg = _config(config, overrides)
     progress = terminal_progress()
     try:
-        with stage_lock(cfg.runtime.workdir, run):  # the parent flow's lock when it launched this process
+        with stage_lock(cfg.store.uri, run):  # the parent flow's lock when it launched this process
             record = run_stage(name, cfg, run, round_, force=force, progress=progress)
     except Exception as exc:
         if is_transient(exc):  # the parent flow's retry policy sees this exit status
@@ -146,7 +150,9 @@ def status(config: ConfigOpt, run: Annotated[str | None, typer.Option("--run", "
     from ampo.audit import runs_overview
     from ampo.stages.context import open_store
 
-    rows = [r for r in runs_overview(open_store(_config(config, overrides))) if run is None or r["run"] == run]
+    store = open_store(_config(config, overrides), must_exist=True)
+    rows = [r for r in runs_overview(store) if run is None or r["run"] == run]
+    typer.echo(f"store: {store.uri}")
     if not rows:
         typer.echo("no rounds recorded yet" + (f" for run {run!r}" if run else ""))
         return
@@ -157,32 +163,46 @@ def status(config: ConfigOpt, run: Annotated[str | None, typer.Option("--run", "
     Console().print(table)
 
 
+WaitOpt = Annotated[float, typer.Option(help="seconds to wait for another process holding the run")]
+
+
 @app.command()
 def promote(config: ConfigOpt, run: RunOpt, checkpoint: Annotated[str, typer.Option(help="checkpoint id")],
-            overrides: SetOpt = None) -> None:
+            wait: WaitOpt = 0.0, overrides: SetOpt = None) -> None:
     """Make a checkpoint the run's champion by hand (bypasses the gates; recorded in the registry)."""
-    _set_champion(config, overrides, run, checkpoint, "promoted")
+    _set_champion(config, overrides, run, checkpoint, "promote", wait)
 
 
 @app.command()
 def rollback(config: ConfigOpt, run: RunOpt, to: Annotated[str, typer.Option(help="earlier checkpoint id")],
-             overrides: SetOpt = None) -> None:
+             wait: WaitOpt = 0.0, overrides: SetOpt = None) -> None:
     """Set the run's champion back to an earlier checkpoint; the current one is retired."""
-    _set_champion(config, overrides, run, to, "rolled back to")
+    _set_champion(config, overrides, run, to, "rollback", wait)
 
 
-def _set_champion(config: Path, overrides: list[str] | None, run: str, checkpoint: str, verb: str) -> None:
+def _set_champion(config: Path, overrides: list[str] | None, run: str, checkpoint: str, command: str,
+                  wait: float) -> None:
+    """Under the run lock (a round in progress is never changed under its feet): check, then swap in one commit."""
     from ampo.checkpoints import load_checkpoint_manifest
+    from ampo.config import validate_run_id
+    from ampo.runlock import RunLockedError, run_lock
     from ampo.stages.context import open_store
 
-    store = open_store(_config(config, overrides))
-    record = store.get_checkpoint(checkpoint)
-    if record is None or record["run"] != run:
-        known = [c["id"] for c in store.list_checkpoints(run)]
-        raise ValueError(f"checkpoint {checkpoint!r} is not in run {run!r}; known: {known}")
-    if record["round"] >= 0:
-        load_checkpoint_manifest(record["path"])  # never champion a folder without its manifest
-    store.set_champion(run, checkpoint)
+    cfg = _config(config, overrides)
+    store = open_store(cfg)
+    validate_run_id(run)
+    try:
+        with run_lock(cfg.store.uri, run, wait_s=wait):
+            record = store.get_checkpoint(checkpoint)
+            if record is None or record["run"] != run:
+                known = [c["id"] for c in store.list_checkpoints(run)]
+                raise ValueError(f"checkpoint {checkpoint!r} is not in run {run!r}; known: {known}")
+            if record["round"] >= 0:
+                load_checkpoint_manifest(record["path"])  # never champion a folder without its manifest
+            store.set_champion(run, checkpoint)
+    except RunLockedError as exc:
+        raise RunLockedError(f"{command} refused, the champion is unchanged: {exc}") from None
+    verb = {"promote": "promoted", "rollback": "rolled back to"}[command]
     typer.echo(f"run {run}: {verb} {checkpoint}")
 
 
@@ -215,7 +235,7 @@ def audit_pool(config: ConfigOpt, run: RunOpt, round_: Annotated[int, typer.Opti
     """One prompt's whole pool: rewards, roles, clusters, best first."""
     from ampo.stages.context import open_store
 
-    table = open_store(_config(config, overrides)).prompt_pool(run, round_, prompt)
+    table = open_store(_config(config, overrides), must_exist=True).prompt_pool(run, round_, prompt)
     if table.num_rows == 0:
         raise ValueError(f"no responses for prompt {prompt!r} in run {run!r} round {round_}")
     _print_rows(table.to_pylist(), ["sample", "reward", "role", "cluster", "n_tokens", "response"])
@@ -227,7 +247,7 @@ def audit_groups(config: ConfigOpt, run: RunOpt, round_: Annotated[int, typer.Op
     """The round's selected groups: chosen first, then the rejected by reward."""
     from ampo.stages.context import open_store
 
-    groups = open_store(_config(config, overrides)).selected_groups(run, round_)
+    groups = open_store(_config(config, overrides), must_exist=True).selected_groups(run, round_)
     if not groups:
         raise ValueError(f"run {run!r} round {round_} has no selected groups")
     for prompt_id, table in list(groups.items())[:limit]:
@@ -266,7 +286,7 @@ def audit_export(config: ConfigOpt, run: RunOpt, round_: Annotated[int, typer.Op
     from ampo.audit import export_groups
     from ampo.stages.context import open_store
 
-    n = export_groups(open_store(_config(config, overrides)), run, round_, out)
+    n = export_groups(open_store(_config(config, overrides), must_exist=True), run, round_, out)
     typer.echo(f"wrote {n} groups to {out}")
 
 
@@ -344,8 +364,10 @@ def _print_round_table(cfg, run: str, round_: int, config_path: Path, overrides:
         console.print(f"  {line}")
 
 
-def _precheck(cfg, run: str, round_: int | None = None, rounds: int | None = None, wait: float = 0.0) -> None:
-    """What a flow would refuse, refused before it starts: one line instead of a flow run's failure log."""
+@contextmanager
+def _precheck(cfg, run: str, round_: int | None = None, rounds: int | None = None, wait: float = 0.0):
+    """What a flow would refuse, refused before it starts: one line instead of a flow run's failure log. Holds
+    the run lock for the block: the flow called inside re-enters it, so a round takes the lock once."""
     from ampo.config import validate_run_id
     from ampo.runlock import run_lock
     from ampo.stages import check_stage_round
@@ -355,21 +377,84 @@ def _precheck(cfg, run: str, round_: int | None = None, rounds: int | None = Non
         check_stage_round(round_)
     if rounds is not None and rounds < 1:
         raise ValueError(f"--rounds {rounds}: must be >= 1")
-    if wait == 0:
-        with run_lock(cfg.runtime.workdir, run):  # taken and released: the flow takes it again
-            pass
+    if wait > 0:
+        typer.echo(f"waiting up to {wait:g}s for run {run!r} if another process holds it", err=True)
+    with run_lock(cfg.store.uri, run, wait_s=wait) as holder:
+        yield holder
 
 
 def main() -> None:
-    """Entry point: errors are one clear line on stderr and a non-zero exit."""
-    from ampo.runlock import RunLockedError
-    from ampo.stages import StageProcessError
-
+    """Entry point: an error is one line on stderr and exit status 2; `--debug` (or AMPO_DEBUG=1) adds the traceback."""
     try:
         app()
-    except (ValueError, FileNotFoundError, RunLockedError, StageProcessError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+    except Exception as exc:  # noqa: BLE001 - every error ends as one line; the traceback is behind --debug
+        if _debug():
+            import traceback
+
+            traceback.print_exc()
+        typer.echo(f"error: {error_line(exc, _STORE_URI.get('uri'))}", err=True)
         sys.exit(2)
+
+
+_STORE_URI: dict[str, str] = {}  # the store of the config this command read, named in errors the store raises
+EXPECTED_ERRORS = ("ValueError", "FileNotFoundError", "RunLockedError", "StageProcessError", "TransientStageError")
+LANCE_IO = re.compile(r"lance error: LanceError\(IO\): (?P<what>.*?)(?:, /\S+\.rs:\d+:\d+)?$", re.S)
+
+
+def error_line(exc: BaseException, store_uri: str | None = None) -> str:
+    """The one line an error prints: its message for errors ampo raises on purpose, the path and the reason for
+    I/O errors (a file, a read-only or full disk), the exception type and message for anything else."""
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.strerror and (exc.filename or exc.filename2):
+        paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p)
+        text = f"{paths}: {exc.strerror}"
+    elif isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.strerror} (errno {exc.errno})" + (f"; store {store_uri}" if store_uri else "")
+    elif (match := LANCE_IO.match(text)) is not None:
+        text = f"store {store_uri or '?'}: cannot write: {match['what']}"
+    elif not any(t.__name__ in EXPECTED_ERRORS for t in type(exc).__mro__):
+        text = f"{type(exc).__name__}: {text} (run with --debug for the traceback)"
+    return " ".join(text.split())
+
+
+def _debug() -> bool:
+    return os.environ.get("AMPO_DEBUG", "") not in ("", "0")
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="print the full traceback of an error")] = False):
+    if debug:
+        os.environ["AMPO_DEBUG"] = "1"  # stage child processes print theirs too
+
+
+def _quiet_prefect_tracebacks() -> None:
+    """Prefect's terminal log shows a failed task or flow as its log line only, without the traceback (it still
+    goes to the Prefect API, so the UI and the flow-run logs keep it); `--debug` keeps it on the terminal too."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    if _debug():
+        return
+    for name in (None, "prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, _NoTraceback):
+                handler.setFormatter(_NoTraceback(handler.formatter or logging.Formatter()))
+
+
+class _NoTraceback:
+    """Formats a copy of the record without its exception info; the record itself is left for other handlers."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def format(self, record):
+        import logging
+
+        if not (record.exc_info or record.exc_text or record.stack_info):
+            return self.inner.format(record)
+        plain = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None, "stack_info": None})
+        return self.inner.format(plain)
 
 
 if __name__ == "__main__":

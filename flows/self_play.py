@@ -1,6 +1,9 @@
-"""Self-play flows: one round is a plain pass over the stage tasks; a run is a loop over rounds."""
+"""Self-play flows: one round is a plain pass over the stage tasks; a run is a loop over rounds.
 
-from __future__ import annotations
+Annotations here are the classes themselves (no `from __future__ import annotations`): `flow.serve()` pickles the
+flow function by value into each run's process, and Prefect builds the parameter model from its annotations there;
+a string annotation such as "RunConfig" cannot be resolved in that process.
+"""
 
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +25,7 @@ def self_play_round(config: RunConfig, run_id: RunId, round: int | None = None, 
     validate_run_id(run_id)
     if round is not None:
         stages.check_stage_round(round)
-    with run_lock(config.runtime.workdir, run_id, wait_s=wait_s):
+    with run_lock(config.store.uri, run_id, wait_s=wait_s):  # re-entered, not retaken, under `ampo round`
         round_ = stages.next_round(config, run_id) if round is None else round
         for name in stages.STAGES:
             STAGE_TASKS[name](config, run_id, round_)

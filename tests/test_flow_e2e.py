@@ -4,6 +4,7 @@ One Prefect test harness per session (~15 s); everything else is the real flow, 
 """
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -73,9 +74,23 @@ def test_two_rounds_then_crash_and_resume(tmp_path, prefect_harness, monkeypatch
     assert [c["status"] for c in store.list_checkpoints("e2e")].count("champion") == 1
 
     # a second flow run of the same run id refuses with a clear message while the first holds it
-    with run_lock(cfg.runtime.workdir, "e2e"):
+    # (held by another thread: the lock is re-entrant within the thread holding it, as `ampo round` relies on)
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with run_lock(cfg.store.uri, "e2e"):
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(30)
+    try:
         with pytest.raises(RunLockedError, match="run 'e2e' is in progress elsewhere"):
             self_play_round(cfg, "e2e")
+    finally:
+        release.set()
+        holder.join()
 
 
 def test_subprocess_isolation_runs_stages_in_child_processes(tmp_path, prefect_harness):
