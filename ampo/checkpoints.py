@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
-
-log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 STATE_DIR = "state"

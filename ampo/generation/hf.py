@@ -9,8 +9,6 @@ its batch (up to float rounding from the batch's padded shape; bitwise-equal for
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -33,8 +31,6 @@ from ampo.generation import (
     resolve_dtype,
 )
 from ampo.models import quiet_loading
-
-logger = logging.getLogger(__name__)
 
 
 class SeededSampler(LogitsProcessor):

@@ -10,7 +10,6 @@ chunked prefill off, so every prefill fits one step. On GPU the default schedule
 from __future__ import annotations
 
 import gc
-import logging
 import os
 
 from ampo.config import GenerationConfig, RuntimeConfig
@@ -23,8 +22,6 @@ from ampo.generation import (
     resolve_device,
     resolve_dtype,
 )
-
-logger = logging.getLogger(__name__)
 
 CPU_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in this process (no __main__ guard needed)

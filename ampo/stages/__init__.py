@@ -10,7 +10,6 @@ in a child process when the config asks for it, so that the child's exit returns
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import subprocess
 import sys
@@ -27,8 +26,6 @@ from ampo.stages.learn import reflogps, train
 from ampo.stages.report import round_outcome, write_round_report
 from ampo.store import filters
 from ampo.store.tables import scan
-
-log = logging.getLogger(__name__)
 
 STAGE_FUNCTIONS: dict[str, Callable[[RoundContext], dict | StageResult]] = {
     "generate": generate,

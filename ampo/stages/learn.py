@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import subprocess
 from pathlib import Path
 
@@ -10,8 +9,6 @@ import numpy as np
 import pyarrow.compute as pc
 
 from ampo.stages.context import RoundContext, candidate_checkpoint_id, write_json_atomic
-
-log = logging.getLogger(__name__)
 
 GROUP_COLUMNS = ["id", "prompt_id", "prompt", "response", "reward", "role", "ref_logp_sum", "ref_logp_mean"]
 
