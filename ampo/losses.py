@@ -7,16 +7,41 @@ gradient sees them. A group whose chosen or rejected set is empty has no defined
 with zero gradient, and `group_is_trainable` says which groups those are, so the trainer averages over the rest.
 All sums of exponentials are log-sum-exps and a set contrast is one softplus of a difference of them (spec 1.2).
 Inputs are computed in fp32 at least: bf16/fp16 are upcast, float64 stays float64 (so gradcheck applies).
+
+A loss is one block here: its frozen config class (`name` Literal and its own hyperparameters with their
+defaults), its pure function, an adapter from a `GroupBatch`, and one `LOSSES` row saying what the trainer must
+compute for it (a reference or not, pairs or groups, summed or length-normalised log-probs). The run config's
+`loss` is `LossConfig`, the discriminated union of the registered configs on `name`.
 """
 
+from __future__ import annotations
+
+import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Annotated, Literal, Union
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+
+class _ImportedOnUse:
+    """A module imported on its first attribute access. The run config imports this module for the loss configs,
+    and the CLI and the flows read configs without paying torch's import (seconds) for it."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+    from torch import Tensor
+else:
+    torch, F = _ImportedOnUse("torch"), _ImportedOnUse("torch.nn.functional")
 
 WeightMode = Literal["none", "signed", "abs", "pow"]
 
@@ -95,52 +120,68 @@ def _check_positive(**values: float) -> None:
             raise ValueError(f"{name}={value!r} must be > 0")
 
 
-# ----------------------------------------------------------------------------- partitions (spec 2.2, A15)
+# ----------------------------------------------------------------------------- what a loss is given and configured by
 
 
-def mean_split_mask(rewards: Tensor, valid_mask: Tensor | None = None) -> Tensor:
-    """Chosen set Y+ = {r > mean of the valid rewards}; ties with the mean are rejected. (B, M) -> (B, M) bool.
+@dataclass(frozen=True)
+class GroupBatch:
+    """Inputs of a group loss, all (B, M): policy (and optionally reference) log-probs, rewards, masks."""
 
-    MPO's off-policy partition (spec 2.2). Compared in float64 so that equal rewards stay on one side.
-    """
-    valid = _valid(valid_mask, rewards)
-    r = torch.where(valid, rewards.double(), 0.0)  # (B, M)
-    return valid & (r > _masked_mean(r, valid))
-
-
-def top_bottom_masks(rewards: Tensor, valid_mask: Tensor | None = None, m: int = 2) -> tuple[Tensor, Tensor]:
-    """The top-m valid members are chosen, the bottom-m rejected, the rest dropped. (B, M) -> chosen, keep (B, M).
-
-    MPO/REFA on-policy partition (spec 2.2, REFA §6.1: top-2 and bottom-2 of 5). Pass `keep` as the loss's
-    `valid_mask`, so r_bar is recomputed on the kept set (A15). Ties break by index: a stable ascending sort
-    ranks the lower index as the lower reward, as in the spec's `argsort(rewards, stable=True)`.
-    """
-    valid = _valid(valid_mask, rewards)
-    n_valid = valid.sum(-1)  # (B,)
-    if m < 1 or bool((n_valid < 2 * m).any()):
-        raise ValueError(f"top_bottom_masks needs m >= 1 and at least 2*m valid members per group; "
-                         f"got m={m} and group sizes {n_valid.tolist()}")
-    key = torch.where(valid, rewards.double(), -math.inf)  # invalid members sort first
-    order = torch.sort(key, dim=-1, stable=True).indices  # (B, M) ascending
-    positions = torch.arange(key.shape[-1], device=key.device).expand_as(order)
-    rank = torch.empty_like(order).scatter_(-1, order, positions)  # (B, M) 0 = lowest
-    first = (key.shape[-1] - n_valid)[:, None]  # (B, 1) rank of the lowest valid member
-    chosen = rank >= key.shape[-1] - m
-    rejected = (rank >= first) & (rank < first + m)
-    return chosen, chosen | rejected
+    policy_logps_sum: Tensor
+    policy_logps_mean: Tensor
+    rewards: Tensor
+    chosen_mask: Tensor
+    valid_mask: Tensor
+    ref_logps_sum: Tensor | None = None  # read by the losses whose registry row says needs_ref
 
 
-def best_member_mask(rewards: Tensor, valid_mask: Tensor | None = None) -> Tensor:
-    """One-hot of the highest valid reward per group, ties to the lowest index. (B, M) -> (B, M) bool.
+def _pair_indices(batch: GroupBatch) -> tuple[Tensor, Tensor]:
+    """Index of the single chosen and the single rejected valid member of each group. Returns (B,), (B,)."""
+    chosen = batch.chosen_mask.bool() & batch.valid_mask.bool()
+    rejected = batch.valid_mask.bool() & ~chosen
+    n_chosen, n_rejected = chosen.sum(-1), rejected.sum(-1)
+    bad = ((n_chosen != 1) | (n_rejected != 1)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"pairwise losses need exactly 1 chosen and 1 rejected valid member per group; groups "
+                         f"{bad[:5]} have chosen {n_chosen[bad[:5]].tolist()}, rejected {n_rejected[bad[:5]].tolist()}")
+    return chosen.float().argmax(-1), rejected.float().argmax(-1)
 
-    REFA 1-vs-All (eq. 18) and AMPO's single positive (spec 3.1, 3.2).
-    """
-    valid = _valid(valid_mask, rewards)
-    best = torch.where(valid, rewards.double(), -math.inf).argmax(-1)  # argmax returns the first maximum
-    return F.one_hot(best, rewards.shape[-1]).bool() & valid
+
+def _take(x: Tensor, index: Tensor) -> Tensor:
+    return x.gather(-1, index[:, None])[:, 0]
+
+
+def _has_both_sets(batch: GroupBatch) -> Tensor:
+    return group_is_trainable(batch.chosen_mask, batch.valid_mask)
+
+
+def _has_two_members(batch: GroupBatch) -> Tensor:
+    return batch.valid_mask.bool().sum(-1) >= 2
+
+
+class LossParams(BaseModel):
+    """The fields every loss config has; each loss's config adds its name and its own hyperparameters."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    eos_lambda: float = Field(0.0, ge=0.0)  # REFA EOS regulariser weight (eq. 7, spec 2.5), added by the trainer; 0 = off
+
+    @property
+    def spec(self) -> LossSpec:
+        """The loss's registry row: what the trainer must compute for it."""
+        return LOSSES[self.name]
+
+    def loss_params(self) -> dict:
+        """The loss function's keyword hyperparameters: every field but `name` and `eos_lambda`."""
+        return self.model_dump(exclude={"name", "eos_lambda"})
 
 
 # ----------------------------------------------------------------------------- pairwise losses
+
+
+class DpoConfig(LossParams):
+    name: Literal["dpo"] = "dpo"
+    beta: float = Field(0.1, gt=0.0)  # on summed log-ratios (spec 4.2)
 
 
 def dpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
@@ -153,6 +194,18 @@ def dpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Ten
     return -F.logsigmoid(beta * logits)
 
 
+def _dpo_from_batch(batch: GroupBatch, **params) -> Tensor:
+    c, r = _pair_indices(batch)
+    lp, ref = batch.policy_logps_sum, batch.ref_logps_sum
+    return dpo_loss(_take(lp, c), _take(lp, r), _take(ref, c), _take(ref, r), **params)
+
+
+class SimpoConfig(LossParams):
+    name: Literal["simpo"] = "simpo"
+    beta: float = Field(10.0, gt=0.0)  # on length-normalised log-probs (SimPO Llama-3-8B-Instruct v2, spec 4.2)
+    gamma_beta_ratio: float = 0.3  # γ/β
+
+
 def simpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, *, beta: float, gamma_beta_ratio: float) -> Tensor:
     """SimPO (Meng et al. 2024, Eq. 6): -log σ(β(c - r) - γ). Inputs: length-normalised log-probs, (B,). Returns (B,).
 
@@ -161,6 +214,11 @@ def simpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, *, beta: float, gam
     _check_positive(beta=beta)
     _check_shapes(1, chosen_logps=chosen_logps, rejected_logps=rejected_logps)
     return -F.logsigmoid(beta * (_wide(chosen_logps) - _wide(rejected_logps) - gamma_beta_ratio))
+
+
+def _simpo_from_batch(batch: GroupBatch, **params) -> Tensor:
+    c, r = _pair_indices(batch)
+    return simpo_loss(_take(batch.policy_logps_mean, c), _take(batch.policy_logps_mean, r), **params)
 
 
 # ----------------------------------------------------------------------------- group losses
@@ -172,6 +230,14 @@ DEVIATIONS: dict[str, Callable[[Tensor, int], Tensor]] = {  # d_y of spec 2.3 fr
     "abs": lambda d, p: d.abs(),  # W-MPO / SWEPO (ICLR review, SWEPO v1)
     "pow": lambda d, p: d**p,  # REFA App. G.4, p in {1, 2}
 }
+
+
+class MpoConfig(LossParams):
+    name: Literal["mpo"] = "mpo"
+    beta: float = Field(0.1, gt=0.0)  # on summed log-ratios (spec 2.3)
+    alpha: float = 0.0  # deviation weight; 0 = unweighted MPO
+    weight_mode: WeightMode = "abs"  # deviation form (spec A1); abs with alpha > 0 is W-MPO
+    p: int = Field(1, ge=1, le=2)  # exponent of weight_mode="pow"
 
 
 def mpo_loss(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor, chosen_mask: Tensor, *, beta: float,
@@ -196,6 +262,19 @@ def mpo_loss(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor, chosen_ma
     return _set_contrast(z, chosen_mask.bool() & valid, valid)
 
 
+def _mpo_from_batch(batch: GroupBatch, **params) -> Tensor:
+    return mpo_loss(batch.policy_logps_sum, batch.ref_logps_sum, batch.rewards, batch.chosen_mask,
+                    valid_mask=batch.valid_mask, **params)
+
+
+class AmpoConfig(LossParams):
+    name: Literal["ampo"] = "ampo"
+    beta: float = Field(10.0, gt=0.0)  # REFA Table 4, on-policy Llama-3-8B-Instruct 1-vs-k (spec 3.5)
+    gamma: float = Field(3.0, gt=0.0)  # weight of the negative set (REFA eq. 6; spec 3.4)
+    alpha: float = 0.0  # reward-deviation weight; 0 = unweighted
+    alpha_inside_beta: bool = False  # appendix form β(lp + α·d) (spec A3)
+
+
 def ampo_loss(policy_logps: Tensor, rewards: Tensor, chosen_mask: Tensor, *, beta: float = 10.0,
               gamma: float = 3.0, alpha: float = 0.0, valid_mask: Tensor | None = None,
               alpha_inside_beta: bool = False) -> Tensor:
@@ -213,6 +292,17 @@ def ampo_loss(policy_logps: Tensor, rewards: Tensor, chosen_mask: Tensor, *, bet
     lp = _clean(policy_logps, valid)
     s = beta * (lp + alpha * d) if alpha_inside_beta else beta * lp + alpha * d  # (B, M)
     return _set_contrast(s, chosen_mask.bool() & valid, valid, log_gamma=math.log(gamma))
+
+
+def _ampo_from_batch(batch: GroupBatch, **params) -> Tensor:
+    return ampo_loss(batch.policy_logps_mean, batch.rewards, batch.chosen_mask, valid_mask=batch.valid_mask,
+                     **params)
+
+
+class InfoncaConfig(LossParams):
+    name: Literal["infonca"] = "infonca"
+    beta: float = Field(0.1, gt=0.0)  # on summed log-ratios
+    alpha: float = Field(1.0, gt=0.0)  # reward temperature of the target softmax(r/α)
 
 
 def infonca_loss(policy_logps: Tensor, ref_logps: Tensor | None, rewards: Tensor, valid_mask: Tensor | None = None,
@@ -238,6 +328,20 @@ def infonca_loss(policy_logps: Tensor, ref_logps: Tensor | None, rewards: Tensor
     target = torch.where(mask, t - _masked_logsumexp(t, mask)[:, None], -math.inf).exp()  # (B, M), 0 off-mask
     loss = -(target * torch.where(mask, log_model, 0.0)).sum(-1)
     return torch.where(trainable, loss, 0.0)
+
+
+def _infonca_from_batch(batch: GroupBatch, **params) -> Tensor:
+    return infonca_loss(batch.policy_logps_sum, batch.ref_logps_sum, batch.rewards, batch.valid_mask, **params)
+
+
+class RefaInfoncaConfig(LossParams):
+    name: Literal["refa_infonca"] = "refa_infonca"
+    beta: float = Field(10.0, gt=0.0)  # on length-normalised log-probs, as AMPO (REFA §2.5 tables)
+    alpha: float = Field(1.0, gt=0.0)  # reward temperature of the target softmax(r/α) [I]
+
+
+def _refa_infonca_from_batch(batch: GroupBatch, **params) -> Tensor:
+    return infonca_loss(batch.policy_logps_mean, None, batch.rewards, batch.valid_mask, **params)
 
 
 # ----------------------------------------------------------------------------- REFA EOS regulariser
@@ -267,91 +371,46 @@ def eos_regularizer(eos_probs: Tensor, lengths: Tensor, valid_mask: Tensor | Non
 
 
 @dataclass(frozen=True)
-class GroupBatch:
-    """Inputs of a group loss, all (B, M): policy (and optionally reference) log-probs, rewards, masks."""
-
-    policy_logps_sum: Tensor
-    policy_logps_mean: Tensor
-    rewards: Tensor
-    chosen_mask: Tensor
-    valid_mask: Tensor
-    ref_logps_sum: Tensor | None = None  # needed by the reference-based losses (LossSpec.needs_ref)
-
-
-def _pair_indices(batch: GroupBatch) -> tuple[Tensor, Tensor]:
-    """Index of the single chosen and the single rejected valid member of each group. Returns (B,), (B,)."""
-    chosen = batch.chosen_mask.bool() & batch.valid_mask.bool()
-    rejected = batch.valid_mask.bool() & ~chosen
-    n_chosen, n_rejected = chosen.sum(-1), rejected.sum(-1)
-    bad = ((n_chosen != 1) | (n_rejected != 1)).nonzero().flatten().tolist()
-    if bad:
-        raise ValueError(f"pairwise losses need exactly 1 chosen and 1 rejected valid member per group; groups "
-                         f"{bad[:5]} have chosen {n_chosen[bad[:5]].tolist()}, rejected {n_rejected[bad[:5]].tolist()}")
-    return chosen.float().argmax(-1), rejected.float().argmax(-1)
-
-
-def _take(x: Tensor, index: Tensor) -> Tensor:
-    return x.gather(-1, index[:, None])[:, 0]
-
-
-def _dpo_from_batch(batch: GroupBatch, **params) -> Tensor:
-    c, r = _pair_indices(batch)
-    lp, ref = batch.policy_logps_sum, batch.ref_logps_sum
-    return dpo_loss(_take(lp, c), _take(lp, r), _take(ref, c), _take(ref, r), **params)
-
-
-def _simpo_from_batch(batch: GroupBatch, **params) -> Tensor:
-    c, r = _pair_indices(batch)
-    return simpo_loss(_take(batch.policy_logps_mean, c), _take(batch.policy_logps_mean, r), **params)
-
-
-def _mpo_from_batch(batch: GroupBatch, **params) -> Tensor:
-    return mpo_loss(batch.policy_logps_sum, batch.ref_logps_sum, batch.rewards, batch.chosen_mask,
-                    valid_mask=batch.valid_mask, **params)
-
-
-def _ampo_from_batch(batch: GroupBatch, **params) -> Tensor:
-    return ampo_loss(batch.policy_logps_mean, batch.rewards, batch.chosen_mask, valid_mask=batch.valid_mask,
-                     **params)
-
-
-def _infonca_from_batch(batch: GroupBatch, **params) -> Tensor:
-    return infonca_loss(batch.policy_logps_sum, batch.ref_logps_sum, batch.rewards, batch.valid_mask, **params)
-
-
-def _refa_infonca_from_batch(batch: GroupBatch, **params) -> Tensor:
-    return infonca_loss(batch.policy_logps_mean, None, batch.rewards, batch.valid_mask, **params)
-
-
-def _has_both_sets(batch: GroupBatch) -> Tensor:
-    return group_is_trainable(batch.chosen_mask, batch.valid_mask)
-
-
-def _has_two_members(batch: GroupBatch) -> Tensor:
-    return batch.valid_mask.bool().sum(-1) >= 2
-
-
-@dataclass(frozen=True)
 class LossSpec:
-    """A registered loss: how to call it on a GroupBatch and which log-probs it needs."""
+    """A registered loss, one row: its config class, how to call it on a GroupBatch, and what the trainer must
+    compute for it. The only place that says whether a loss needs a reference, pairs and which log-probs."""
 
-    from_batch: Callable[..., Tensor]  # (GroupBatch, **params) -> (B,)
-    needs_ref: bool  # reads ref_logps_sum
+    config: type[LossParams]  # its frozen config (name Literal + hyperparameters with their defaults)
+    from_batch: Callable[..., Tensor]  # (GroupBatch, **config.loss_params()) -> (B,)
+    needs_ref: bool  # reads ref_logps_sum: the reflogps stage runs only for these losses
     logps: Literal["sum", "mean"]  # summed or length-normalised sequence log-probs
-    pairwise: bool  # needs exactly one chosen and one rejected member per group
+    pairwise: bool  # trains on each group's best-vs-worst pair: exactly one chosen and one rejected member
     trainable: Callable[[GroupBatch], Tensor] = _has_both_sets  # (B,) bool: groups with a defined loss
 
+    @property
+    def name(self) -> str:
+        return self.config.model_fields["name"].default
 
-LOSSES: dict[str, LossSpec] = {
-    "dpo": LossSpec(_dpo_from_batch, needs_ref=True, logps="sum", pairwise=True),
-    "simpo": LossSpec(_simpo_from_batch, needs_ref=False, logps="mean", pairwise=True),
-    "mpo": LossSpec(_mpo_from_batch, needs_ref=True, logps="sum", pairwise=False),
-    "ampo": LossSpec(_ampo_from_batch, needs_ref=False, logps="mean", pairwise=False),
-    "infonca": LossSpec(_infonca_from_batch, needs_ref=True, logps="sum", pairwise=False,
-                        trainable=_has_two_members),
-    "refa_infonca": LossSpec(_refa_infonca_from_batch, needs_ref=False, logps="mean", pairwise=False,
-                             trainable=_has_two_members),
-}
+
+def _registry(*specs: LossSpec) -> dict[str, LossSpec]:
+    return {spec.name: spec for spec in specs}
+
+
+LOSSES: dict[str, LossSpec] = _registry(
+    LossSpec(DpoConfig, _dpo_from_batch, needs_ref=True, logps="sum", pairwise=True),
+    LossSpec(SimpoConfig, _simpo_from_batch, needs_ref=False, logps="mean", pairwise=True),
+    LossSpec(MpoConfig, _mpo_from_batch, needs_ref=True, logps="sum", pairwise=False),
+    LossSpec(AmpoConfig, _ampo_from_batch, needs_ref=False, logps="mean", pairwise=False),
+    LossSpec(InfoncaConfig, _infonca_from_batch, needs_ref=True, logps="sum", pairwise=False,
+             trainable=_has_two_members),
+    LossSpec(RefaInfoncaConfig, _refa_infonca_from_batch, needs_ref=False, logps="mean", pairwise=False,
+             trainable=_has_two_members),
+)
+
+# The run config's `loss`: one of the registered configs, chosen by `name`; a field the chosen loss does not take
+# is a validation error naming it (e.g. loss.dpo.gamma).
+LossConfig = Annotated[Union[tuple(spec.config for spec in LOSSES.values())], Field(discriminator="name")]  # noqa: UP007
+_LOSS_CONFIG = TypeAdapter(LossConfig)
+
+
+def loss_config(name: str, **fields) -> LossParams:
+    """The config of the registered loss `name` with `fields` set, validated as the run config validates it."""
+    return _LOSS_CONFIG.validate_python({"name": name, **fields})
 
 
 def group_loss(name: str, batch: GroupBatch, **params) -> Tensor:

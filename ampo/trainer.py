@@ -44,9 +44,9 @@ from ampo.checkpoints import (
     save_training_state,
     write_manifest,
 )
-from ampo.config import LossConfig, RuntimeConfig, TrainConfig
+from ampo.config import RuntimeConfig, TrainConfig
 from ampo.logps import ForwardMode, GroupLogps, ResponseSpan, group_logps
-from ampo.losses import LOSSES, GroupBatch, eos_regularizer
+from ampo.losses import AmpoConfig, GroupBatch, LossConfig, LossParams, LossSpec, eos_regularizer
 from ampo.training_data import (
     Batch,
     ForwardOptions,
@@ -65,64 +65,53 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- the loss, from config
 
-DEFAULT_BETA = {"ampo": 10.0, "simpo": 10.0, "dpo": 0.1, "mpo": 0.1, "infonca": 0.1,
-                "refa_infonca": 10.0}  # spec 2.3, 2.5 (REFA Table 4, on-policy Llama-3-8B-Instruct), 4.2
-
-LOSS_PARAMS: dict[str, Callable[[LossConfig, float], dict]] = {  # LossConfig -> the loss's keyword arguments
-    "ampo": lambda c, beta: {"beta": beta, "gamma": c.gamma, "alpha": c.alpha,
-                             "alpha_inside_beta": c.alpha_inside_beta},
-    "mpo": lambda c, beta: {"beta": beta, "alpha": c.alpha, "weight_mode": c.weight_mode, "p": c.p},
-    "dpo": lambda c, beta: {"beta": beta},
-    "simpo": lambda c, beta: {"beta": beta, "gamma_beta_ratio": c.gamma_beta_ratio},
-    # InfoNCA's alpha is the reward temperature of its target softmax(r/alpha), so 0 ("unweighted") means 1.
-    "infonca": lambda c, beta: {"beta": beta, "alpha": c.alpha if c.alpha > 0 else 1.0},
-    "refa_infonca": lambda c, beta: {"beta": beta, "alpha": c.alpha if c.alpha > 0 else 1.0},
-}
-
-
 @dataclass(frozen=True)
 class LossFn:
-    """A registered loss with its hyperparameters: a GroupBatch (+ P(EOS), lengths) -> per-group losses (B,).
+    """A configured loss: a GroupBatch (+ P(EOS), lengths) -> per-group losses (B,).
 
-    `needs_ref`, `logps` ("sum" or "mean") and `needs_eos` tell the trainer what to compute for it.
+    What the trainer computes for it is the loss's registry row, `spec` (ampo.losses.LOSSES): reference log-probs
+    or not, best-vs-worst pairs or whole groups, summed or length-normalised log-probs; and P(EOS) when the
+    config's `eos_lambda` > 0.
     """
 
-    name: str
-    params: dict
-    eos_lambda: float = 0.0  # REFA eq. 7 regulariser weight; 0 = off
+    config: LossParams
 
     @property
-    def needs_ref(self) -> bool:
-        return LOSSES[self.name].needs_ref
+    def name(self) -> str:
+        return self.config.name
 
     @property
-    def logps(self) -> str:
-        return LOSSES[self.name].logps
+    def spec(self) -> LossSpec:
+        return self.config.spec
+
+    @property
+    def params(self) -> dict:
+        """The loss function's keyword hyperparameters (beta, ...)."""
+        return self.config.loss_params()
 
     @property
     def needs_eos(self) -> bool:
-        return self.eos_lambda > 0
+        return self.config.eos_lambda > 0
 
     def __call__(self, batch: GroupBatch, eos_probs: Tensor | None = None, lengths: Tensor | None = None) -> Tensor:
-        loss = LOSSES[self.name].from_batch(batch, **self.params)  # (B,)
+        loss = self.spec.from_batch(batch, **self.params)  # (B,)
         if self.needs_eos:
-            loss = loss + eos_regularizer(eos_probs, lengths, batch.valid_mask, lam=self.eos_lambda)
+            loss = loss + eos_regularizer(eos_probs, lengths, batch.valid_mask, lam=self.config.eos_lambda)
         return loss
 
     def trainable(self, batch: GroupBatch) -> Tensor:
         """(B,) bool: the groups with a defined loss (e.g. both a chosen and a rejected member)."""
-        return LOSSES[self.name].trainable(batch)
+        return self.spec.trainable(batch)
 
     def describe(self) -> dict:
-        return {"name": self.name, **self.params, "eos_lambda": self.eos_lambda}
+        return {"name": self.name, **self.params, "eos_lambda": self.config.eos_lambda}
 
 
-def make_loss_fn(loss_cfg: LossConfig) -> LossFn:
-    """The registered loss named by the config, with its default beta when `beta` is None (DEFAULT_BETA)."""
-    if loss_cfg.name not in LOSSES or loss_cfg.name not in LOSS_PARAMS:
-        raise ValueError(f"unknown loss {loss_cfg.name!r}; choose from {sorted(LOSS_PARAMS)}")
-    beta = loss_cfg.beta if loss_cfg.beta is not None else DEFAULT_BETA[loss_cfg.name]
-    return LossFn(loss_cfg.name, LOSS_PARAMS[loss_cfg.name](loss_cfg, beta), loss_cfg.eos_lambda)
+def make_loss_fn(loss_cfg: LossParams) -> LossFn:
+    """The loss a config names (a member of ampo.losses.LossConfig, e.g. `loss_config("dpo", beta=0.5)`)."""
+    if not isinstance(loss_cfg, LossParams):
+        raise TypeError(f"expected a loss config (ampo.losses.LossConfig), got {type(loss_cfg).__name__}")
+    return LossFn(loss_cfg)
 
 
 # ----------------------------------------------------------------------------- result
@@ -163,7 +152,7 @@ def train(policy_path: str, groups: list[Group], loss_fn: LossFn, cfg: TrainConf
     accelerator = make_accelerator(cfg, runtime)
     set_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=runtime.trust_remote_code)
-    if LOSSES[loss_fn.name].pairwise:  # DPO/SimPO on AMPO groups: best chosen vs worst rejected, no wasted forward
+    if loss_fn.spec.pairwise:  # DPO/SimPO on AMPO groups: best chosen vs worst rejected, no wasted forward
         groups = [g.best_vs_worst() for g in groups]
     tgroups, n_truncated = tokenize_groups(tokenizer, groups, max_length=cfg.max_length,
                                            max_prompt_length=cfg.max_prompt_length, options=options)
@@ -256,7 +245,7 @@ class StepRunner:
         group_batch = to_group_batch(batch, out)
         eos = batch.to_grid(out.eos_probs) if self.loss_fn.needs_eos else None
         per_group = self.loss_fn(group_batch, eos, batch.to_grid(out.n_tokens.float()))
-        used = group_batch.policy_logps_sum if self.loss_fn.logps == "sum" else group_batch.policy_logps_mean
+        used = group_batch.policy_logps_sum if self.loss_fn.spec.logps == "sum" else group_batch.policy_logps_mean
         return per_group, used
 
 
@@ -373,7 +362,7 @@ def trainable_groups(tgroups: list[TokenizedGroup], loss_fn: LossFn) -> list[Tok
     flags = loss_fn.trainable(GroupBatch(zeros, zeros, batch.rewards, batch.chosen_mask, batch.valid_mask))
     kept = [t for t, ok in zip(tgroups, flags.tolist()) if ok]
     missing = [t.group.prompt_id for t in kept if t.group.ref_logp_sum is None]
-    if loss_fn.needs_ref and missing:
+    if loss_fn.spec.needs_ref and missing:
         raise ValueError(f"loss {loss_fn.name!r} needs reference log-probs, but groups {missing[:5]} have none; "
                          f"run ampo.reflogps.compute_reference_logps first")
     if not kept:
@@ -478,7 +467,7 @@ class TrainSpec(BaseModel):
     policy_path: str
     groups_path: str  # written by ampo.training_data.save_groups
     output_dir: str
-    loss: LossConfig = LossConfig()
+    loss: LossConfig = AmpoConfig()
     train: TrainConfig = TrainConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     manifest_extra: dict = {}

@@ -123,7 +123,8 @@ class TokenCounter:
 
 def run_ampo(work: Path, trainer: str, args) -> dict:
     import ampo.trainer as trainer_module
-    from ampo.config import LossConfig, RuntimeConfig, TrainConfig
+    from ampo.config import RuntimeConfig, TrainConfig
+    from ampo.losses import loss_config
     from ampo.reflogps import compute_reference_logps, with_reference
     from ampo.training_data import Group
 
@@ -148,7 +149,7 @@ def run_ampo(work: Path, trainer: str, args) -> dict:
     shutil.rmtree(work / f"out-{trainer}", ignore_errors=True)  # a finished checkpoint would not be retrained
     rss_before = peak_rss_mb()
     result = trainer_module.train(
-        str(work / "model"), groups, trainer_module.make_loss_fn(LossConfig(name="dpo" if pairs else "ampo")), cfg,
+        str(work / "model"), groups, trainer_module.make_loss_fn(loss_config("dpo" if pairs else "ampo")), cfg,
         output_dir=work / f"out-{trainer}", runtime=runtime,
         progress=lambda step, total, m: marks.append(counter.mark()))
     return summarise(marks, rss_before, result.losses)

@@ -2,24 +2,29 @@
 invariances, skipped groups, variable group sizes, dtypes and extreme magnitudes (spec section 6)."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
+from ampo.config import RunConfig, load_config
 from ampo.losses import (
     LOSSES,
+    AmpoConfig,
+    DpoConfig,
     GroupBatch,
+    LossParams,
+    MpoConfig,
     ampo_loss,
-    best_member_mask,
     dpo_loss,
     eos_regularizer,
     group_is_trainable,
     group_loss,
     infonca_loss,
-    mean_split_mask,
+    loss_config,
     mpo_loss,
     simpo_loss,
-    top_bottom_masks,
     trainable_groups,
 )
 
@@ -105,50 +110,25 @@ def test_eos_regularizer_hand_values():
     close(eos_regularizer(probs, lengths, valid, lam=0.5, target="none"), [0.3])
 
 
-# ----------------------------------------------------------------------------- partitions
+# ----------------------------------------------------------------------------- partitions (chosen from the data)
 
 
-def test_mean_split_ties_go_to_rejected():
-    # mean of [1, 2, 3, 6] is 3: only 6 is above it, 3 (equal to the mean) is rejected
-    assert mean_split_mask(T([[1.0, 2, 3, 6]])).tolist() == [[False, False, False, True]]
-    # all equal: nobody above the mean -> the group is not trainable (spec 2.2)
-    chosen = mean_split_mask(T([[0.1, 0.1, 0.1]]))
-    assert chosen.tolist() == [[False, False, False]] and not group_is_trainable(chosen).item()
-    # invalid members do not enter the mean: valid [1, 2] -> mean 1.5
-    assert mean_split_mask(T([[1.0, 2, 100]]), T([[True, True, False]])).tolist() == [[False, True, False]]
-
-
-def test_top_bottom_masks():
-    # ascending: .1 (2), .3 (4), .5 (0), .7 (3), .9 (1): top-2 {1, 3}, bottom-2 {2, 4}, median 0 dropped
-    chosen, keep = top_bottom_masks(T([[0.5, 0.9, 0.1, 0.7, 0.3]]))
-    assert chosen.tolist() == [[False, True, False, True, False]]
-    assert keep.tolist() == [[False, True, True, True, True]]
-    # all tied: the stable ascending order is 0..4, so bottom {0, 1}, top {3, 4}
-    chosen, keep = top_bottom_masks(T([[1.0, 1, 1, 1, 1]]))
-    assert chosen.tolist() == [[False, False, False, True, True]] and keep[0, 2].item() is False
-    # an invalid (NaN) member is never picked: valid 5(0), 1(2), 3(3), 2(4), 4(5)
-    chosen, keep = top_bottom_masks(T([[5.0, float("nan"), 1, 3, 2, 4]]), T([[True, False, True, True, True, True]]))
-    assert chosen.tolist() == [[True, False, False, False, False, True]]
-    assert keep.tolist() == [[True, False, True, False, True, True]]
-    with pytest.raises(ValueError, match="2\\*m valid members"):
-        top_bottom_masks(T([[1.0, 2, 3]]), m=2)
+def best_member_mask(rewards):
+    """One-hot of each row's highest reward (the selectors' AMPO positive); the tests below only need some mask."""
+    return torch.nn.functional.one_hot(rewards.argmax(-1), rewards.shape[-1]).bool()
 
 
 def test_top_bottom_loss_recomputes_mean_on_kept_set():
     # spec A15: with keep as valid_mask the loss equals the loss on the 4 kept members alone
     rewards, policy = T([[0.0, 10, 1, 9, 2]]), T([[-3.0, -1, -4, -2, -5]])
-    chosen, keep = top_bottom_masks(rewards)
+    # top-2 {10, 9} chosen, bottom-2 {0, 1} rejected, the median 2 (index 4) dropped
+    chosen, keep = T([[False, True, False, True, False]]), T([[True, True, True, True, False]])
     loss = mpo_loss(policy, torch.zeros_like(policy), rewards, chosen, beta=1.0, alpha=0.5, weight_mode="signed",
                     valid_mask=keep)
     idx = keep[0].nonzero().flatten()
     compact = mpo_loss(policy[:, idx], torch.zeros(1, 4), rewards[:, idx], chosen[:, idx], beta=1.0, alpha=0.5,
                        weight_mode="signed")
     close(loss, compact, tol=1e-6)
-
-
-def test_best_member_mask_first_of_ties():
-    assert best_member_mask(T([[0.1, 0.9, 0.5, 0.9]])).tolist() == [[False, True, False, False]]
-    assert best_member_mask(T([[0.1, 9.0, 0.5]]), T([[True, False, True]])).tolist() == [[False, False, True]]
 
 
 # ----------------------------------------------------------------------------- spec section 6 properties
@@ -222,7 +202,7 @@ def test_ampo_gradient_matches_closed_form_with_gamma():
 def test_mpo_shift_invariance(weight_mode):
     torch.manual_seed(3)
     policy, ref, rewards = torch.randn(3, 4) * 5, torch.randn(3, 4) * 5, torch.randn(3, 4)
-    chosen = mean_split_mask(rewards)
+    chosen = rewards > rewards.mean(-1, keepdim=True)  # MPO's mean split
     kw = {"beta": 0.5, "alpha": 0.7, "weight_mode": weight_mode, "p": 2}
     base = mpo_loss(policy, ref, rewards, chosen, **kw)
     close(mpo_loss(policy + 123.0, ref, rewards, chosen, **kw), base, tol=1e-5)  # z + const
@@ -336,6 +316,57 @@ def test_registry_entries_and_adapters():
     close(group_loss("simpo", batch, beta=2.0, gamma_beta_ratio=0.5),
           simpo_loss(T([mean[0, 1], mean[1, 0]]), T([mean[0, 0], mean[1, 1]]), beta=2.0, gamma_beta_ratio=0.5))
     close(group_loss("ampo", batch), ampo_loss(mean, batch.rewards, batch.chosen_mask))
+
+
+def test_registry_rows_say_what_the_trainer_needs():
+    assert {n: (s.needs_ref, s.logps, s.pairwise) for n, s in LOSSES.items()} == {
+        "dpo": (True, "sum", True), "simpo": (False, "mean", True), "mpo": (True, "sum", False),
+        "ampo": (False, "mean", False), "infonca": (True, "sum", False), "refa_infonca": (False, "mean", False)}
+    for name, spec in LOSSES.items():  # each row is keyed by its config's name, and the config finds its row
+        assert spec.config().name == name and spec.config().spec is spec
+
+
+# ----------------------------------------------------------------------------- the run config's `loss`
+
+
+def test_loss_config_defaults_are_each_loss_own():
+    assert {name: loss_config(name).loss_params() for name in LOSSES} == {
+        "dpo": {"beta": 0.1},
+        "simpo": {"beta": 10.0, "gamma_beta_ratio": 0.3},
+        "mpo": {"beta": 0.1, "alpha": 0.0, "weight_mode": "abs", "p": 1},
+        "ampo": {"beta": 10.0, "gamma": 3.0, "alpha": 0.0, "alpha_inside_beta": False},
+        "infonca": {"beta": 0.1, "alpha": 1.0},
+        "refa_infonca": {"beta": 10.0, "alpha": 1.0},
+    }
+    assert all(loss_config(name).eos_lambda == 0.0 for name in LOSSES)
+    assert isinstance(loss_config("dpo", beta=0.5), DpoConfig) and loss_config("dpo", beta=0.5).beta == 0.5
+    assert RunConfig(policy="p").loss == AmpoConfig()
+
+
+@pytest.mark.parametrize(("loss", "message"), [
+    ({"name": "dpo", "gamma": 5}, r"loss\.dpo\.gamma\s+Extra inputs are not permitted"),
+    ({"name": "simpo", "alpha": 1.0}, r"loss\.simpo\.alpha\s+Extra inputs are not permitted"),
+    ({"name": "ampo", "weight_mode": "abs"}, r"loss\.ampo\.weight_mode\s+Extra inputs"),
+    ({"name": "orpo"}, r"Input tag 'orpo' found using 'name' does not match any of the expected tags: 'dpo', 'simpo'"),
+    ({"beta": 1.0}, r"Unable to extract tag using discriminator 'name'"),
+    ({"name": "ampo", "gamma": 0}, r"loss\.ampo\.gamma\s+Input should be greater than 0"),
+    ({"name": "infonca", "alpha": 0}, r"loss\.infonca\.alpha\s+Input should be greater than 0"),
+    ({"name": "mpo", "p": 3}, r"loss\.mpo\.p\s+Input should be less than or equal to 2"),
+])
+def test_a_field_the_loss_does_not_take_is_refused_by_name(loss, message):
+    with pytest.raises(ValidationError, match=message):
+        RunConfig(policy="p", loss=loss)
+
+
+def test_loss_config_round_trips_and_the_shipped_yaml_loads(tmp_path):
+    cfg = RunConfig(policy="p", loss={"name": "mpo", "alpha": 0.5, "weight_mode": "pow", "p": 2})
+    assert isinstance(cfg.loss, MpoConfig) and RunConfig.model_validate_json(cfg.model_dump_json()) == cfg
+    for path in sorted(Path(__file__).parents[1].glob("infra/configs/*.yaml")):
+        assert isinstance(load_config(path).loss, LossParams), path
+    (tmp_path / "dpo.yaml").write_text("policy: p\nloss:\n  name: dpo\n  beta: 0.2\n")
+    assert load_config(tmp_path / "dpo.yaml", {"loss.eos_lambda": 0.1}).loss == DpoConfig(beta=0.2, eos_lambda=0.1)
+    with pytest.raises((ValidationError, ValueError), match=r"loss\.dpo\.gamma"):
+        load_config(tmp_path / "dpo.yaml", {"loss.gamma": 5})
 
 
 def test_registry_errors_and_trainable_groups():

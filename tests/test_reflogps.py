@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from ampo.config import LossConfig, RuntimeConfig, TrainConfig
+from ampo.config import RuntimeConfig, TrainConfig
 from ampo.logps import build_example, sequence_logps
+from ampo.losses import loss_config
 from ampo.models import build_tiny_llama
 from ampo.reflogps import as_groups, compute_reference_logps, with_reference
 from ampo.trainer import make_loss_fn, train
@@ -96,7 +97,7 @@ def test_dpo_with_its_own_reference_starts_at_log_two(policy, tmp_path, dtype):
     cfg = CFG.model_copy(update={"groups_per_step": 3, "dtype": dtype})
     pairs = [Group(g.prompt_id, g.prompt, g.responses[:2], g.rewards[:2], [True, False]) for g in GROUPS]
     ref = compute_reference_logps(policy, pairs, cfg, CPU)
-    result = train(policy, with_reference(pairs, ref), make_loss_fn(LossConfig(name="dpo")), cfg,
+    result = train(policy, with_reference(pairs, ref), make_loss_fn(loss_config("dpo")), cfg,
                    output_dir=tmp_path / "ckpt", runtime=CPU)
     assert result.losses[0] == pytest.approx(math.log(2), abs=1e-5)
     if dtype == "bfloat16":  # bf16 really ran: its log-probs differ from fp32's

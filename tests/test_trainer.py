@@ -10,12 +10,11 @@ import pytest
 import torch
 
 from ampo.checkpoints import MANIFEST, MissingManifestError, load_checkpoint_manifest
-from ampo.config import LoraConfig, LossConfig, RuntimeConfig, TrainConfig
+from ampo.config import LoraConfig, RuntimeConfig, TrainConfig
 from ampo.logps import sequence_logps
-from ampo.losses import GroupBatch
+from ampo.losses import AmpoConfig, GroupBatch, loss_config
 from ampo.models import build_tiny_llama
 from ampo.trainer import (
-    DEFAULT_BETA,
     TrainSpec,
     launch_command,
     main,
@@ -75,29 +74,39 @@ def tiny_cfg(**overrides) -> TrainConfig:
 # ----------------------------------------------------------------------------- loss factory
 
 
-def test_make_loss_fn_uses_each_loss_default_beta():
-    assert DEFAULT_BETA == {"ampo": 10.0, "simpo": 10.0, "dpo": 0.1, "mpo": 0.1, "infonca": 0.1,
-                            "refa_infonca": 10.0}
-    for name, beta in DEFAULT_BETA.items():
-        assert make_loss_fn(LossConfig(name=name)).params["beta"] == beta
-    assert make_loss_fn(LossConfig(name="dpo", beta=0.5)).params == {"beta": 0.5}
-    assert make_loss_fn(LossConfig()).params == {"beta": 10.0, "gamma": 3.0, "alpha": 0.0, "alpha_inside_beta": False}
-    assert make_loss_fn(LossConfig(name="infonca")).params["alpha"] == 1.0  # alpha 0 -> InfoNCA's temperature 1
-    assert make_loss_fn(LossConfig(name="simpo")).logps == "mean" and not make_loss_fn(LossConfig(name="simpo")).needs_ref
-    assert make_loss_fn(LossConfig(name="mpo")).logps == "sum" and make_loss_fn(LossConfig(name="mpo")).needs_ref
+def test_make_loss_fn_takes_each_loss_own_defaults():
+    # beta is on summed log-ratios for dpo/mpo/infonca (0.1) and on length-normalised log-probs for the
+    # reference-free losses (10); InfoNCA's alpha is its reward temperature, 1 unless set
+    assert {name: make_loss_fn(loss_config(name)).params for name in ["ampo", "simpo", "dpo", "mpo", "infonca",
+                                                                      "refa_infonca"]} == {
+        "ampo": {"beta": 10.0, "gamma": 3.0, "alpha": 0.0, "alpha_inside_beta": False},
+        "simpo": {"beta": 10.0, "gamma_beta_ratio": 0.3},
+        "dpo": {"beta": 0.1},
+        "mpo": {"beta": 0.1, "alpha": 0.0, "weight_mode": "abs", "p": 1},
+        "infonca": {"beta": 0.1, "alpha": 1.0},
+        "refa_infonca": {"beta": 10.0, "alpha": 1.0},
+    }
+    assert make_loss_fn(loss_config("dpo", beta=0.5)).params == {"beta": 0.5}
+    assert make_loss_fn(AmpoConfig()).describe() == {"name": "ampo", "beta": 10.0, "gamma": 3.0, "alpha": 0.0,
+                                                     "alpha_inside_beta": False, "eos_lambda": 0.0}
+    simpo, mpo = make_loss_fn(loss_config("simpo")), make_loss_fn(loss_config("mpo"))
+    assert (simpo.spec.logps, simpo.spec.needs_ref, simpo.spec.pairwise) == ("mean", False, True)
+    assert (mpo.spec.logps, mpo.spec.needs_ref, mpo.spec.pairwise) == ("sum", True, False)
+    with pytest.raises(TypeError, match="expected a loss config"):
+        make_loss_fn({"name": "dpo"})
 
 
 def test_loss_fn_adds_the_eos_regulariser():
     # AMPO with beta=1, gamma=1 on mean log-probs [0, 0], member 0 chosen: L = LSE(0, 0) - LSE(0) = log 2 = 0.6931.
     # EOS term (REFA eq. 7), lambda=0.5, P(EOS) [0.2, 0.4], lengths [3, 5]: target 5, shortfall [2, 0]
     # -> 0.5 * (0.2*2 + 0.4*0) = 0.2. Total 0.8931.
-    loss_fn = make_loss_fn(LossConfig(name="ampo", beta=1.0, gamma=1.0, eos_lambda=0.5))
+    loss_fn = make_loss_fn(loss_config("ampo", beta=1.0, gamma=1.0, eos_lambda=0.5))
     zeros = torch.zeros(1, 2)
     batch = GroupBatch(zeros, zeros, torch.tensor([[1.0, 0.0]]), torch.tensor([[True, False]]),
                        torch.tensor([[True, True]]))
     got = loss_fn(batch, torch.tensor([[0.2, 0.4]]), torch.tensor([[3.0, 5.0]]))
     assert got.tolist() == pytest.approx([math.log(2) + 0.2], abs=1e-6)
-    assert make_loss_fn(LossConfig(name="ampo", beta=1.0, gamma=1.0))(batch).tolist() == pytest.approx([math.log(2)])
+    assert make_loss_fn(loss_config("ampo", beta=1.0, gamma=1.0))(batch).tolist() == pytest.approx([math.log(2)])
 
 
 # ----------------------------------------------------------------------------- plan and collation
@@ -150,7 +159,7 @@ def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(policy, tmp_p
 
     # every step sees all 4 groups, so each step's loss is the full-data loss at the current weights
     cfg = tiny_cfg(lr=2e-3, groups_per_step=4, epochs=5)
-    result = train(policy, make_groups(), make_loss_fn(LossConfig()), cfg, output_dir=tmp_path / "ckpt",
+    result = train(policy, make_groups(), make_loss_fn(AmpoConfig()), cfg, output_dir=tmp_path / "ckpt",
                    runtime=CPU, manifest_extra={"id": "demo-r0-abc123", "run": "demo", "round": 0})
     assert len(result.losses) == 5
     assert result.losses[-1] < result.losses[0]
@@ -164,21 +173,21 @@ def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(policy, tmp_p
     trained = AutoModelForCausalLM.from_pretrained(result.checkpoint_path)
     parent = AutoModelForCausalLM.from_pretrained(policy)
     assert not torch.equal(trained.model.layers[0].self_attn.q_proj.weight, parent.model.layers[0].self_attn.q_proj.weight)
-    again = train(policy, make_groups(), make_loss_fn(LossConfig()), cfg, output_dir=tmp_path / "ckpt", runtime=CPU)
+    again = train(policy, make_groups(), make_loss_fn(AmpoConfig()), cfg, output_dir=tmp_path / "ckpt", runtime=CPU)
     assert again.losses == result.losses  # a finished checkpoint is returned, not retrained
     # ... but only to the same config and data: anything else would silently keep other weights
     with pytest.raises(ValueError, match=r"finished checkpoint of another training config or data.*config_hash"):
-        train(policy, make_groups(), make_loss_fn(LossConfig()), tiny_cfg(lr=1e-4, groups_per_step=4, epochs=5),
+        train(policy, make_groups(), make_loss_fn(AmpoConfig()), tiny_cfg(lr=1e-4, groups_per_step=4, epochs=5),
               output_dir=tmp_path / "ckpt", runtime=CPU)
     with pytest.raises(ValueError, match=r"data_hash"):
-        train(policy, make_groups()[:3], make_loss_fn(LossConfig()), cfg, output_dir=tmp_path / "ckpt", runtime=CPU)
+        train(policy, make_groups()[:3], make_loss_fn(AmpoConfig()), cfg, output_dir=tmp_path / "ckpt", runtime=CPU)
 
 
 def test_resume_after_a_crash_gives_the_same_losses(dropout_policy, tmp_path):
     groups = make_groups()[:3]
     # 3 groups x 2 epochs = 6 steps; states every 2 steps and at each epoch's end: 2, 3, 4, 6 (newest two kept)
     cfg = tiny_cfg(lr=1e-2, epochs=2, save_every=2)
-    loss_fn = make_loss_fn(LossConfig())
+    loss_fn = make_loss_fn(AmpoConfig())
     full = train(dropout_policy, groups, loss_fn, cfg, output_dir=tmp_path / "full", runtime=CPU)
 
     def crash_at_5(step, total, metrics):
@@ -198,7 +207,7 @@ def test_resume_after_a_crash_gives_the_same_losses(dropout_policy, tmp_path):
 
 
 def test_resume_refuses_a_state_from_another_config(policy, tmp_path):
-    loss_fn = make_loss_fn(LossConfig())
+    loss_fn = make_loss_fn(AmpoConfig())
 
     def crash_at_3(step, total, metrics):
         if step == 3:
@@ -216,7 +225,7 @@ def test_grad_accumulation_takes_the_same_first_update(policy, tmp_path):
     # 1 group x accum 4 and 4 groups x accum 1: both steps are the mean loss over the same 4 groups.
     from safetensors.torch import load_file
 
-    loss_fn = make_loss_fn(LossConfig())
+    loss_fn = make_loss_fn(AmpoConfig())
     groups = make_groups()
     a = train(policy, groups, loss_fn, tiny_cfg(grad_accum=4, groups_per_step=1), output_dir=tmp_path / "a", runtime=CPU)
     b = train(policy, groups, loss_fn, tiny_cfg(grad_accum=1, groups_per_step=4), output_dir=tmp_path / "b", runtime=CPU)
@@ -230,7 +239,7 @@ def test_grad_accumulation_takes_the_same_first_update(policy, tmp_path):
 
 
 def test_gradient_checkpointing_takes_the_same_step(policy, tmp_path):
-    loss_fn = make_loss_fn(LossConfig())
+    loss_fn = make_loss_fn(AmpoConfig())
     plain = train(policy, make_groups(), loss_fn, tiny_cfg(groups_per_step=4), output_dir=tmp_path / "a", runtime=CPU)
     ckpt = train(policy, make_groups(), loss_fn, tiny_cfg(groups_per_step=4, gradient_checkpointing=True),
                  output_dir=tmp_path / "b", runtime=CPU)
@@ -242,7 +251,7 @@ def test_gradient_checkpointing_takes_the_same_step(policy, tmp_path):
 
 def test_skipped_groups_are_counted_and_left_out(policy, tmp_path):
     no_rejected = Group("p9", PROMPTS[0], RESPONSES[:2], [1.0, 1.0], [True, True])
-    result = train(policy, make_groups() + [no_rejected], make_loss_fn(LossConfig()), tiny_cfg(groups_per_step=5),
+    result = train(policy, make_groups() + [no_rejected], make_loss_fn(AmpoConfig()), tiny_cfg(groups_per_step=5),
                    output_dir=tmp_path, runtime=CPU)
     assert result.metrics["data/groups"] == 5 and result.metrics["data/skipped_groups"] == 1
     assert result.history[0]["train/groups"] == 4
@@ -262,7 +271,7 @@ def test_best_vs_worst_pair_of_a_group():
 
 def test_pairwise_losses_train_on_the_best_vs_worst_of_bigger_groups(policy, tmp_path):
     # groups of 3, 2, 4, 3 (AMPO's 1-vs-k): SimPO trains on one pair per group, 8 sequences in all
-    result = train(policy, make_groups(), make_loss_fn(LossConfig(name="simpo")), tiny_cfg(groups_per_step=4),
+    result = train(policy, make_groups(), make_loss_fn(loss_config("simpo")), tiny_cfg(groups_per_step=4),
                    output_dir=tmp_path, runtime=CPU)
     assert result.metrics["data/groups"] == 4 and result.metrics["data/skipped_groups"] == 0
     assert result.history[0]["train/groups"] == 4
@@ -270,7 +279,7 @@ def test_pairwise_losses_train_on_the_best_vs_worst_of_bigger_groups(policy, tmp
 
 def test_a_reference_loss_without_reference_logps_is_refused(policy, tmp_path):
     with pytest.raises(ValueError, match="needs reference log-probs"):
-        train(policy, make_groups(), make_loss_fn(LossConfig(name="mpo")), tiny_cfg(), output_dir=tmp_path, runtime=CPU)
+        train(policy, make_groups(), make_loss_fn(loss_config("mpo")), tiny_cfg(), output_dir=tmp_path, runtime=CPU)
 
 
 # ----------------------------------------------------------------------------- checkpoints and the entry point
@@ -283,7 +292,7 @@ def test_a_folder_without_its_manifest_is_never_used(policy):
 
 def test_manifest_extra_cannot_overwrite_trainer_fields(policy, tmp_path):
     with pytest.raises(ValueError, match=r"manifest_extra may not set \['metrics'\]"):
-        train(policy, make_groups(), make_loss_fn(LossConfig()), tiny_cfg(groups_per_step=4), output_dir=tmp_path,
+        train(policy, make_groups(), make_loss_fn(AmpoConfig()), tiny_cfg(groups_per_step=4), output_dir=tmp_path,
               runtime=CPU, manifest_extra={"metrics": {}, "id": "x"})
     assert not any(tmp_path.iterdir())  # refused before any training
 
@@ -322,7 +331,7 @@ def test_a_bf16_tied_parent_gives_a_bf16_tied_checkpoint(tmp_path):
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "parent")
     tokenizer.save_pretrained(tmp_path / "parent")
-    result = train(str(tmp_path / "parent"), make_groups()[:1], make_loss_fn(LossConfig()), tiny_cfg(lr=1e-2),
+    result = train(str(tmp_path / "parent"), make_groups()[:1], make_loss_fn(AmpoConfig()), tiny_cfg(lr=1e-2),
                    output_dir=tmp_path / "ckpt", runtime=CPU)
     weights = load_file(result.checkpoint_path / "model.safetensors")
     assert {w.dtype for w in weights.values()} == {torch.bfloat16} and "lm_head.weight" not in weights

@@ -71,7 +71,6 @@ def reflogps(ctx: RoundContext) -> dict:
 def train(ctx: RoundContext) -> dict:
     """Train the round's starting champion on its selected groups; register the result as a candidate."""
     from ampo.checkpoints import load_checkpoint_manifest
-    from ampo.losses import LOSSES
     from ampo.trainer import TrainSpec, launch_command, run_spec
     from ampo.training_data import save_groups
 
@@ -79,7 +78,7 @@ def train(ctx: RoundContext) -> dict:
     groups, _ = read_groups(ctx, with_reference=True)
     if not groups:
         raise ValueError(f"run {ctx.run!r} round {ctx.round} has no selected groups to train on")
-    if LOSSES[cfg.loss.name].needs_ref and any(g.ref_logp_sum is None for g in groups):
+    if cfg.loss.spec.needs_ref and any(g.ref_logp_sum is None for g in groups):
         raise ValueError(f"loss {cfg.loss.name!r} needs reference log-probs; run the reflogps stage first")
     ckpt_id = candidate_checkpoint_id(ctx.run, ctx.round)
     out = Path(cfg.runtime.workdir) / "checkpoints" / ctx.run / ckpt_id
