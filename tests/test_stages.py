@@ -152,7 +152,7 @@ def test_a_nan_reward_is_an_error_naming_the_prompt_or_a_counted_drop(tmp_path):
     assert rows["reward"].null_count == total // 2 == rows.num_rows - rows["dropped_reason"].null_count
     run_stage("embed", dropping, "nan", 0)
     # 3 usable responses per prompt but coreset needs k+1 = 4: a clear error naming the pool, not a silent skip
-    with pytest.raises(ValueError, match=r"^k=3 .*; prompt id '[^']+' \(run 'nan' round 0\): N=3$"):
+    with pytest.raises(ValueError, match=r"^run 'nan' round 0: k=3 .*; prompt id '[^']+': N=3$"):
         run_stage("select", dropping, "nan", 0)  # the prompt id, not its position in the batch
 
 

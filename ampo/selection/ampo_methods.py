@@ -10,8 +10,6 @@ rewards (N,) finite float64, embeddings (N, d), 1 <= k <= N - 1.
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 from ampo.selection.pool import (
     STREAM_KMEANS,
@@ -112,9 +110,7 @@ def first_appearance_ids(labels: list[int]) -> list[int]:
     return [-1 if label < 0 else ids.setdefault(label, len(ids)) for label in labels]
 
 
-def select_coreset(
-    rewards, embeddings, k, *, seed=0, cluster_on="candidates", n_init=10, max_iter=100
-) -> Selection:
+def select_coreset(rewards, embeddings, k, *, seed=0, cluster_on, n_init, max_iter) -> Selection:
     """AMPO-Coreset (spec 3.3.2): k-means on the embeddings, then the lowest-reward member of every cluster.
 
     rewards (N,), embeddings (N, d). cluster_on="candidates" clusters the N-1 non-positive responses, which
@@ -182,6 +178,9 @@ def exact_medoids(dist, weights, k, top, init=None) -> list[int]:
     sum_j z_ij = 1, z_ij <= x_j. Only x is declared integral: for a 0/1 x the best z is the nearest-medoid
     assignment. Ignores `init`. Among several optimal sets HiGHS returns one of its choosing (deterministic).
     """
+    import scipy.sparse as sp  # here, not at the top: importing scipy.optimize costs seconds, the MIP is rare
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
     n = len(weights)
     cand = [j for j in range(n) if j != top]
     m = len(cand)
@@ -208,9 +207,7 @@ def exact_medoids(dist, weights, k, top, init=None) -> list[int]:
 MEDOID_SOLVERS = {"local_search": local_search_medoids, "exact": exact_medoids}
 
 
-def select_optselect(
-    rewards, embeddings, k, *, seed=0, points="all", weight_temperature=1.0, solver="local_search"
-) -> Selection:
+def select_optselect(rewards, embeddings, k, *, seed=0, points, weight_temperature, solver) -> Selection:
     """AMPO-Opt-Select (spec 3.3.3): the k medoids S (never the positive) minimising the weighted cost.
 
     Cost(S) = sum_i w_i min_{j in S} A_ij with A_ij = ||e_i - e_j||_2 and w_i = exp((r_bar - r_i) / T), scaled

@@ -46,7 +46,7 @@ def select_mean_split(rewards, embeddings, k, *, seed=0) -> Selection:
     return Selection("mean_split", chosen, rejected)
 
 
-def select_top_bottom(rewards, embeddings, k, *, seed=0, m=2) -> Selection:
+def select_top_bottom(rewards, embeddings, k, *, seed=0, m) -> Selection:
     """MPO on-policy partition (spec 2.2, REFA 6.1): the m best vs the m worst. Ignores k; needs 2m <= N."""
     n = len(rewards)
     if 2 * m > n:

@@ -1,7 +1,8 @@
-"""select_batch: the selections of `select` for many prompts at once, vectorised over prompts in numpy.
+"""The batched selectors: the selections of `select` for many prompts at once, vectorised over prompts in numpy.
 
-Prompts are grouped by pool size N and processed in chunks (at most CHUNK prompts, and few enough that no
-temporary exceeds FLOATS_PER_STEP float64s, whatever N, d and k). Each method has one batched function
+`select_batch` (registry.py) groups prompts by pool size N and processes them in chunks (at most CHUNK
+prompts, and few enough that no temporary exceeds FLOATS_PER_STEP float64s, whatever N, d and k), with the
+layout helpers below. Each method has one batched function
 (rewards (B, N), embeddings (B, N, d) or None, k, seeds (B,)) -> B Selections that equals the per-prompt
 function in ampo_methods.py / baselines.py prompt by prompt (tests/test_selection_batched.py checks this).
 Ties, seeds and stopping rules are the same; only the rounding of k-means distances differs (Gram form).
@@ -19,16 +20,12 @@ from ampo.selection.pool import (
     Selection,
     bottom_order,
     check_embeddings,
-    check_k,
-    check_rewards,
-    check_seeds,
     optselect_weights,
     pairwise_distances,
     seeded_uniforms,
     skipped_selection,
     top_index,
 )
-from ampo.selection.registry import NEEDS_K_NEGATIVES, USES_EMBEDDINGS, check_method
 
 CHUNK = 512  # prompts per vectorised step at most
 FLOATS_PER_STEP = 4_000_000  # bound on one step's largest temporary (32 MB of float64)
@@ -79,7 +76,7 @@ def batch_mean_split(rewards, embeddings, k, *, seeds) -> list[Selection]:
     return out
 
 
-def batch_top_bottom(rewards, embeddings, k, *, seeds, m=2) -> list[Selection]:
+def batch_top_bottom(rewards, embeddings, k, *, seeds, m) -> list[Selection]:
     """select_top_bottom for B pools. rewards (B, N)."""
     n = rewards.shape[1]
     if 2 * m > n:
@@ -114,7 +111,7 @@ def lowest_per_cluster(rewards, members, labels, top, k) -> tuple[np.ndarray, np
     return lowest, np.isfinite(in_cluster.min(axis=1))
 
 
-def batch_coreset(rewards, embeddings, k, *, seeds, cluster_on="candidates", n_init=10, max_iter=100):
+def batch_coreset(rewards, embeddings, k, *, seeds, cluster_on, n_init, max_iter):
     """select_coreset for B pools. rewards (B, N), embeddings (B, N, d), seeds (B,)."""
     B, N = rewards.shape
     top = top_index(rewards)
@@ -188,9 +185,7 @@ def batch_local_search(dist, weights, medoids, top) -> np.ndarray:
     return medoids
 
 
-def batch_optselect(
-    rewards, embeddings, k, *, seeds, points="all", weight_temperature=1.0, solver="local_search"
-) -> list[Selection]:
+def batch_optselect(rewards, embeddings, k, *, seeds, points, weight_temperature, solver) -> list[Selection]:
     """select_optselect for B pools. rewards (B, N), embeddings (B, N, d). solver="exact" loops."""
     if solver == "exact":  # the MIP is the reference, not the fast path
         return [
@@ -214,25 +209,14 @@ def batch_optselect(
     ]
 
 
-BATCH_SELECTORS = {
-    "bottomk": batch_bottomk,
-    "coreset": batch_coreset,
-    "optselect": batch_optselect,
-    "random": batch_random,
-    "extremes": batch_extremes,
-    "mean_split": batch_mean_split,
-    "top_bottom": batch_top_bottom,
-}
-
-
 # ------------------------------------------------------------------------------------------------------------
-# entry point: input layouts, grouping by N, checks
+# what select_batch (registry.py) needs: input layouts, gathering by N, the finiteness scan
 
 
-def pool_sizes(rewards, embeddings, lengths) -> np.ndarray:
+def pool_sizes(rewards, embeddings, lengths, label) -> np.ndarray:
     """Pool size per prompt, after checking the layout: padded arrays (+ lengths) or lists of arrays."""
     if isinstance(rewards, (list, tuple)):
-        return list_sizes(rewards, embeddings, lengths)
+        return list_sizes(rewards, embeddings, lengths, label)
     r, e = np.asarray(rewards), np.asarray(embeddings)
     if r.ndim != 2 or e.ndim != 3 or e.shape[:2] != r.shape:
         raise ValueError(
@@ -247,7 +231,7 @@ def pool_sizes(rewards, embeddings, lengths) -> np.ndarray:
     return sizes.astype(np.int64)
 
 
-def list_sizes(rewards, embeddings, lengths) -> np.ndarray:
+def list_sizes(rewards, embeddings, lengths, label) -> np.ndarray:
     """Pool sizes of lists of B arrays (N_i,) and (N_i, d)."""
     if lengths is not None:
         raise ValueError("lengths is only for padded arrays; lists of arrays carry their own sizes")
@@ -256,7 +240,7 @@ def list_sizes(rewards, embeddings, lengths) -> np.ndarray:
     for p, (r, e) in enumerate(zip(rewards, embeddings)):
         if np.ndim(r) != 1 or np.ndim(e) != 2 or np.shape(e)[0] != np.shape(r)[0]:
             shapes = f"{np.shape(r)} and {np.shape(e)}"
-            raise ValueError(f"prompt {p}: rewards (N,) and embeddings (N, d) expected; got {shapes}")
+            raise ValueError(f"{label(p)}: rewards (N,) and embeddings (N, d) expected; got {shapes}")
     return np.array([len(r) for r in rewards], dtype=np.int64)
 
 
@@ -289,8 +273,9 @@ def all_finite_fast(values: np.ndarray) -> bool:
     return all(np.isfinite(flat[i : i + step].sum()) for i in range(0, flat.size, step))
 
 
-def check_finite_embeddings(embeddings, sizes: np.ndarray) -> None:
-    """Every pool's embeddings are finite (padding ignored), else a ValueError naming the first bad prompt.
+def check_finite_embeddings(embeddings, sizes: np.ndarray, label) -> None:
+    """Every pool's embeddings are finite (padding ignored), else a ValueError naming the first bad prompt
+    (label(p): how errors name prompt p).
     One pass over views of the input: no copies, even for the methods that never read the embeddings."""
     if isinstance(embeddings, (list, tuple)):
         bad = [p for p, e in enumerate(embeddings) if not np.isfinite(e).all()]
@@ -305,45 +290,4 @@ def check_finite_embeddings(embeddings, sizes: np.ndarray) -> None:
             bad += (start + np.flatnonzero(~finite.all(axis=1))).tolist()
     if bad:
         n = int(sizes[bad[0]])
-        check_embeddings(np.asarray(embeddings[bad[0]])[:n], n, where=f"prompt {bad[0]}: ")
-
-
-def check_chunk(method: str, rewards: np.ndarray, k: int, prompts: np.ndarray) -> None:
-    """The reward and k checks of `select`, for b pools of one size; errors name the prompt."""
-    n = rewards.shape[1]
-    bad = np.flatnonzero((~np.isfinite(rewards)).any(axis=1) if n >= 2 else np.ones(len(prompts), bool))
-    if bad.size:
-        check_rewards(rewards[bad[0]], where=f"prompt {prompts[bad[0]]}: ")
-    if method in NEEDS_K_NEGATIVES:
-        check_k(k, n, where=f"prompt {prompts[0]}: ")
-
-
-def select_batch(
-    method: str, rewards, embeddings, k: int, *, seed=0, lengths=None, **options
-) -> list[Selection]:
-    """`select` for B prompts at once: result i equals select(method, pool i, k, seed=seeds[i], **options).
-
-    rewards (B, Nmax) + embeddings (B, Nmax, d) + lengths (B,) (pool i is the first lengths[i] entries;
-    padding is ignored; lengths=None means all Nmax), or lists of B arrays (N_i,) and (N_i, d). seed: one int
-    used for every prompt, or B ints, one per prompt. optselect with solver="exact" loops over prompts (the
-    MIP is the reference, not the fast path).
-    """
-    check_method(method, options)
-    k = check_k(k)
-    sizes = pool_sizes(rewards, embeddings, lengths)
-    seeds = check_seeds(seed, len(sizes))
-    check_finite_embeddings(embeddings, sizes)
-    out: list[Selection | None] = [None] * len(sizes)
-    dim = embedding_dim(embeddings) if method in USES_EMBEDDINGS else 0
-    for n in np.unique(sizes).tolist():
-        same_size = np.flatnonzero(sizes == n)
-        step = rows_per_step(n * max(dim, n))  # a chunk's embeddings in float64, or its (n, n) distances
-        for start in range(0, len(same_size), step):
-            prompts = same_size[start : start + step]
-            r = gather(rewards, prompts, n, np.float64)
-            e = gather(embeddings, prompts, n, None) if method in USES_EMBEDDINGS else None
-            check_chunk(method, r, k, prompts)
-            selections = BATCH_SELECTORS[method](r, e, k, seeds=seeds[prompts], **options)
-            for p, selection in zip(prompts.tolist(), selections):
-                out[p] = selection
-    return out
+        check_embeddings(np.asarray(embeddings[bad[0]])[:n], n, where=f"{label(bad[0])}: ")

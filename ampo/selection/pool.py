@@ -80,21 +80,6 @@ def check_embeddings(embeddings, n: int, *, where: str = "") -> np.ndarray:
     return e
 
 
-def check_choice(name: str, value, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed; choose from {list(allowed)}")
-
-
-def check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}={value!r} must be an int >= 1")
-
-
-def check_positive_float(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not (0 < value < np.inf):
-        raise ValueError(f"{name}={value!r} must be a finite number > 0")
-
-
 def check_seeds(seed, n_prompts: int) -> np.ndarray:
     """One int seed for every prompt, or one per prompt. Returns uint64 (B,)."""
     s = np.asarray(seed)

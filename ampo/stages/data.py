@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections import Counter
 
 import numpy as np
@@ -26,18 +25,44 @@ def round_prompts(ctx: RoundContext) -> list:
 
 
 def generate(ctx: RoundContext) -> dict:
-    """Sample N responses per prompt with the round's starting champion; prompts already complete are skipped."""
-    from ampo.generation import derive_seed, make_generator
-
-    cfg, n = ctx.cfg, ctx.cfg.generation.n
+    """Sample N responses per prompt with the round's starting champion; prompts already complete are skipped, and
+    so are prompts too long for the policy's context (counted). `responses` and `finished_by_length` count the
+    round's stored responses (every attempt); `generated_now` counts this attempt's."""
+    n = ctx.cfg.generation.n
     prompts = round_prompts(ctx)
     _validate_rewards(ctx, prompts)
     have = Counter(ctx.store.read_rows(ctx.run, ctx.round, ["prompt_id"])["prompt_id"].to_pylist())
     todo = [p for p in prompts if have[p.prompt_id] < n]
-    counts = {"prompts": len(prompts), "prompts_already_done": len(prompts) - len(todo), "responses": 0,
-              "finished_by_length": 0}  # fmt: skip
-    if not todo:
-        return counts
+    counts = {"prompts": len(prompts), "prompts_already_done": len(prompts) - len(todo), "prompts_too_long": 0,
+              "generated_now": 0}  # fmt: skip
+    if todo:
+        todo = _skip_too_long(ctx, todo, counts)
+    if todo:
+        _generate(ctx, todo, counts)
+    done = ctx.store.read_rows(ctx.run, ctx.round, ["finish_reason"])["finish_reason"]  # totals of all attempts
+    counts.update(responses=len(done), finished_by_length=pc.sum(pc.equal(done, "length")).as_py() or 0)
+    return counts
+
+
+def _skip_too_long(ctx: RoundContext, todo: list, counts: dict) -> list:
+    """The prompts that fit the policy's context with max_new_tokens to spare; the others are counted and skipped."""
+    from ampo.generation import prompts_over_context
+
+    context, over = prompts_over_context(ctx.start["path"], [p.prompt for p in todo], ctx.cfg.generation,
+                                         ctx.cfg.runtime)  # fmt: skip
+    if over:
+        first = next(iter(over))
+        log.warning("%d prompts do not fit the context of %d tokens with max_new_tokens=%d: skipped (first: %r, "
+                    "%d tokens)", len(over), context, ctx.cfg.generation.max_new_tokens, todo[first].prompt_id,
+                    over[first])  # fmt: skip
+    counts["prompts_too_long"] = len(over)
+    return [p for i, p in enumerate(todo) if i not in over]
+
+
+def _generate(ctx: RoundContext, todo: list, counts: dict) -> None:
+    from ampo.generation import derive_seed, make_generator
+
+    cfg, n = ctx.cfg, ctx.cfg.generation.n
     versions = _lib_versions()
     with make_generator(ctx.start["path"], cfg.generation, cfg.runtime) as generator:
         for lo in range(0, len(todo), GENERATE_BATCH):
@@ -47,10 +72,8 @@ def generate(ctx: RoundContext) -> dict:
             rows = [_row(ctx, p, i, s, seed, versions) for p, seed, pool in zip(batch, seeds, samples)
                     for i, s in enumerate(pool)]  # fmt: skip
             ctx.store.upsert_candidates(rows)
-            counts["responses"] += len(rows)
-            counts["finished_by_length"] += sum(r["finish_reason"] == "length" for r in rows)
+            counts["generated_now"] += len(rows)
             ctx.report("generate", lo + len(batch), len(todo))
-    return counts
 
 
 def _row(ctx: RoundContext, prompt, sample: int, s, seed: int, versions: str) -> dict:
@@ -130,37 +153,40 @@ def _device(ctx: RoundContext) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want
 
 
-SELECT_OPTIONS = {  # SelectionConfig fields each method takes
-    "coreset": ("cluster_on",),
-    "optselect": ("solver", "weight_temperature"),
-    "top_bottom": ("m",),
-}
-
-
 def select(ctx: RoundContext) -> dict:
-    """Run the batched selector over every prompt of the round and write roles; replaces any earlier selection."""
+    """Prefilter the round's pools, run the batched selector over the rest and write roles; replaces any earlier
+    selection. Pools whose reward spread is below selection.min_reward_spread are skipped and counted; with
+    selection.potential, only the top fraction of the remaining prompts by M_AP go on to the selector."""
     from ampo.generation import derive_seed
     from ampo.selection import count_skipped, select_batch
+    from ampo.selection.prefilter import informative, potential_mask
 
     sel = ctx.cfg.selection
     pools = ctx.store.read_pools(ctx.run, ctx.round)
     if len(pools) == 0:
         raise ValueError(f"run {ctx.run!r} round {ctx.round} has no scored responses to select from")
     padded = pools.padded()
-    options = {name: getattr(sel, name) for name in SELECT_OPTIONS.get(sel.method, ())}
-    seeds = np.array([derive_seed(ctx.run, ctx.round, pid, sel.seed) for pid in pools.prompt_ids])  # (P,)
+    keep = informative(padded.rewards, padded.lengths, sel.min_reward_spread)  # (P,)
+    no_spread = int((~keep).sum())
+    low_potential = 0
+    if sel.potential is not None and keep.any():
+        logps = _sampling_logps(ctx, pools, padded)
+        top = potential_mask(padded.rewards[keep], logps[keep], padded.lengths[keep],
+                             fraction=sel.potential.fraction, logp_weight=sel.potential.logp_weight)  # fmt: skip
+        low_potential = int((~top).sum())
+        keep[np.flatnonzero(keep)[~top]] = False
+    kept = np.flatnonzero(keep)  # (P',) pool indices that go to the selector
+    part = (lambda a: a) if len(kept) == len(pools) else (lambda a: a[kept])  # no copy when every pool stays
+    seeds = np.array([derive_seed(ctx.run, ctx.round, pools.prompt_ids[i], sel.seed) for i in kept.tolist()],
+                     dtype=np.uint64)  # fmt: skip
     try:
-        selections = select_batch(sel.method, padded.rewards, padded.vectors, sel.k, seed=seeds,
-                                  lengths=padded.lengths, **options)  # fmt: skip
-    except ValueError as err:  # the selector names a position in the batch: name the prompt id too
-        text = str(err)
-        match = re.search(r"prompt (\d+): ", text)
-        if match is None:
-            raise
-        named = f"prompt id {pools.prompt_ids[int(match.group(1))]!r} (run {ctx.run!r} round {ctx.round}): "
-        raise ValueError(text[: match.start()] + named + text[match.end() :]) from err
+        selections = select_batch(sel.method, part(padded.rewards), part(padded.vectors), sel.k, seed=seeds,
+                                  lengths=part(padded.lengths), prompt_ids=[pools.prompt_ids[i] for i in kept],
+                                  **sel.options())  # fmt: skip
+    except ValueError as err:  # the selector names the prompt id; add the run and round
+        raise ValueError(f"run {ctx.run!r} round {ctx.round}: {err}") from err
     ids, roles, clusters = [], [], []
-    for i, s in enumerate(selections):
+    for i, s in zip(kept.tolist(), selections):
         for role, local in (("chosen", s.chosen), ("rejected", s.rejected)):
             ids.extend(pools.to_ids(i, np.asarray(local)).tolist())
             roles.extend([role] * len(local))
@@ -171,5 +197,28 @@ def select(ctx: RoundContext) -> dict:
     if skipped:
         log.warning("%d of %d prompts yielded no preference group (%s)", skipped, len(selections),
                     next(s.skipped_reason for s in selections if s.skipped))
+    if no_spread:
+        log.info("%d of %d pools have a reward spread below selection.min_reward_spread=%g: skipped", no_spread,
+                 len(pools), sel.min_reward_spread)  # fmt: skip
     return {"prompts": len(pools), "groups": len(selections) - skipped, "skipped_prompts": skipped,
-            "selected": len(ids), "excluded_responses": pools.n_excluded, "tag": tag}  # fmt: skip
+            "skipped_no_spread": no_spread, "skipped_low_potential": low_potential, "selected": len(ids),
+            "excluded_responses": pools.n_excluded, "tag": tag}  # fmt: skip
+
+
+def _sampling_logps(ctx: RoundContext, pools, padded) -> np.ndarray:
+    """gen_logp_mean of every pool response, padded like the rewards (P, Nmax); an error if any is missing."""
+    import pyarrow as pa
+
+    rows = ctx.store.read_rows(ctx.run, ctx.round, ["id", "gen_logp_mean"])
+    values = rows["gen_logp_mean"].take(pc.index_in(pa.array(pools.ids, pa.string()), value_set=rows["id"]))
+    flat = values.to_numpy(zero_copy_only=False).astype(np.float64)  # (R,) in pool order; null -> nan
+    missing = np.flatnonzero(~np.isfinite(flat))
+    if missing.size:
+        first = pools.prompt_ids[int(np.searchsorted(pools.offsets, missing[0], side="right")) - 1]
+        raise ValueError(f"run {ctx.run!r} round {ctx.round}: selection.potential needs the sampling log-prob "
+                         f"(gen_logp_mean) of every response; {missing.size} of {len(flat)} have none, the first "
+                         f"in prompt id {first!r}. Set selection.potential to null, or generate the round with a "
+                         f"backend that records log-probs")  # fmt: skip
+    logps = np.full(padded.rewards.shape, np.nan)
+    logps[padded.mask] = flat  # the mask's True entries in row-major order are the rows in pool order
+    return logps
