@@ -16,17 +16,21 @@ from ampo.store.tables import scan
 
 
 def runs_overview(store: Store) -> list[dict]:
-    """One row per (run, round): stages done, the failed or running stage, gate decision, champion of the run."""
-    rows = scan(store.rounds, "", ["run", "round", "stage", "status", "gate", "seconds"]).to_pylist()
+    """One row per (run, round): stages done, the failed or running stage, gate decision, champion of the run, and
+    `skipped_no_spread`: pools the select stage skipped for want of reward spread (None before select is done)."""
+    rows = scan(store.rounds, "", ["run", "round", "stage", "status", "gate", "seconds", "counts"]).to_pylist()
     out: dict[tuple, dict] = {}
     for r in sorted(rows, key=lambda r: (r["run"], r["round"])):
         item = out.setdefault((r["run"], r["round"]), {"run": r["run"], "round": r["round"], "done": [],
-                                                       "pending": [], "seconds": 0.0, "gate": None})  # fmt: skip
+                                                       "pending": [], "seconds": 0.0, "gate": None,
+                                                       "skipped_no_spread": None})  # fmt: skip
         (item["done"] if r["status"] == "done" else item["pending"]).append(f"{r['stage']}" if r["status"] == "done"
                                                                             else f"{r['stage']}:{r['status']}")
         item["seconds"] += r["seconds"] or 0.0
         if r["gate"]:
             item["gate"] = gate_summary(json.loads(r["gate"]))
+        if r["stage"] == "select" and r["status"] == "done" and r["counts"]:
+            item["skipped_no_spread"] = json.loads(r["counts"]).get("skipped_no_spread")
     for item in out.values():
         champion = store.champion(item["run"])
         item["champion"] = champion["id"] if champion else None

@@ -62,6 +62,7 @@ def markdown_summary(run: str, round_: int, stages: dict[str, dict], stats: dict
         lines.append(f"| {name} | {rec.get('status', '?')} | {seconds:.1f} | {counts} |")
     lines += [f"| total | | {total:.1f} | |", "", "## Selection", "", "| statistic | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in stats.items()]
+    lines += skipped_pool_rows((stages.get("select") or {}).get("counts") or {})
     lines += ["", "## Gate decision", ""]
     if decision is None:
         lines.append("not decided (the round did not reach the promote stage)")
@@ -72,6 +73,17 @@ def markdown_summary(run: str, round_: int, stages: dict[str, dict], stats: dict
     if evaluation:
         lines += ["", "## Evaluation", "", *evaluation]
     return "\n".join(lines) + "\n"
+
+
+SKIPPED_POOLS = {  # select-stage count -> its row in the Selection table
+    "skipped_no_spread": "pools skipped: reward spread below selection.min_reward_spread",
+    "skipped_low_potential": "pools skipped: below the alignment-potential cut (selection.potential)",
+}
+
+
+def skipped_pool_rows(select_counts: dict) -> list[str]:
+    """Selection-table rows for the pools the select stage skipped before selecting, as it counted them."""
+    return [f"| {label} | {select_counts[key]} |" for key, label in SKIPPED_POOLS.items() if key in select_counts]
 
 
 def _fmt(v) -> str:

@@ -170,7 +170,7 @@ def select(ctx: RoundContext) -> dict:
     no_spread = int((~keep).sum())
     low_potential = 0
     if sel.potential is not None and keep.any():
-        logps = _sampling_logps(ctx, pools, padded)
+        logps = _sampling_logps(ctx, pools, padded, keep)
         top = potential_mask(padded.rewards[keep], logps[keep], padded.lengths[keep],
                              fraction=sel.potential.fraction, logp_weight=sel.potential.logp_weight)  # fmt: skip
         low_potential = int((~top).sum())
@@ -205,20 +205,22 @@ def select(ctx: RoundContext) -> dict:
             "excluded_responses": pools.n_excluded, "tag": tag}  # fmt: skip
 
 
-def _sampling_logps(ctx: RoundContext, pools, padded) -> np.ndarray:
-    """gen_logp_mean of every pool response, padded like the rewards (P, Nmax); an error if any is missing."""
+def _sampling_logps(ctx: RoundContext, pools, padded, keep: np.ndarray) -> np.ndarray:
+    """gen_logp_mean of every pool response, padded like the rewards (P, Nmax); an error if a pool in `keep`
+    (P,) misses one."""
     import pyarrow as pa
 
     rows = ctx.store.read_rows(ctx.run, ctx.round, ["id", "gen_logp_mean"])
     values = rows["gen_logp_mean"].take(pc.index_in(pa.array(pools.ids, pa.string()), value_set=rows["id"]))
     flat = values.to_numpy(zero_copy_only=False).astype(np.float64)  # (R,) in pool order; null -> nan
-    missing = np.flatnonzero(~np.isfinite(flat))
+    ranked = np.repeat(keep, pools.lengths)  # (R,) rows of the pools the prefilter ranks
+    missing = np.flatnonzero(~np.isfinite(flat) & ranked)
     if missing.size:
         first = pools.prompt_ids[int(np.searchsorted(pools.offsets, missing[0], side="right")) - 1]
         raise ValueError(f"run {ctx.run!r} round {ctx.round}: selection.potential needs the sampling log-prob "
-                         f"(gen_logp_mean) of every response; {missing.size} of {len(flat)} have none, the first "
-                         f"in prompt id {first!r}. Set selection.potential to null, or generate the round with a "
-                         f"backend that records log-probs")  # fmt: skip
+                         f"(gen_logp_mean) of every response it ranks; {missing.size} of {int(ranked.sum())} have "
+                         f"none, the first in prompt id {first!r}. Set selection.potential to null, or generate the "
+                         f"round with a backend that records log-probs")  # fmt: skip
     logps = np.full(padded.rewards.shape, np.nan)
     logps[padded.mask] = flat  # the mask's True entries in row-major order are the rows in pool order
     return logps
