@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -130,6 +131,29 @@ def write_manifest(directory: Path, manifest: dict) -> Path:
     """manifest.json, atomically: the last file a checkpoint gets."""
     path = Path(directory) / MANIFEST
     write_json_atomic(path, manifest)
+    return path
+
+
+def resolve_checkpoint(record: Mapping) -> str:
+    """The path of a registered checkpoint ({"id", "path", "round"}, a `checkpoints` row), checked before anything
+    reads it: every trained checkpoint (round >= 0) must be a folder with its manifest, and the manifest's id, when
+    it names one, must be this checkpoint's. The run's initial policy (round -1: a prepared folder or a hub name)
+    has no ampo manifest and is returned as registered. Raises MissingManifestError / FileNotFoundError /
+    ValueError with the checkpoint named.
+
+    Every stage that loads a checkpoint (generate from the champion, reflogps, train's start, evaluate) and every
+    promotion (the promote stage, `ampo promote`, `ampo rollback`) goes through here.
+    """
+    checkpoint_id, path = record["id"], str(record["path"])
+    if record.get("round", 0) < 0:
+        return path
+    try:
+        manifest = load_checkpoint_manifest(path)
+    except FileNotFoundError as exc:
+        raise type(exc)(f"checkpoint {checkpoint_id!r}: {exc}") from None
+    if manifest.get("id") not in (None, checkpoint_id):
+        raise ValueError(f"checkpoint {checkpoint_id!r}: {path} holds the manifest of {manifest['id']!r}, not its "
+                         f"own; the registry and the folder disagree, so it is not used")
     return path
 
 

@@ -183,7 +183,7 @@ def rollback(config: ConfigOpt, run: RunOpt, to: Annotated[str, typer.Option(hel
 def _set_champion(config: Path, overrides: list[str] | None, run: str, checkpoint: str, command: str,
                   wait: float) -> None:
     """Under the run lock (a round in progress is never changed under its feet): check, then swap in one commit."""
-    from ampo.checkpoints import load_checkpoint_manifest
+    from ampo.checkpoints import resolve_checkpoint
     from ampo.config import validate_run_id
     from ampo.runlock import RunLockedError, run_lock
     from ampo.stages.context import open_store
@@ -197,9 +197,9 @@ def _set_champion(config: Path, overrides: list[str] | None, run: str, checkpoin
             if record is None or record["run"] != run:
                 known = [c["id"] for c in store.list_checkpoints(run)]
                 raise ValueError(f"checkpoint {checkpoint!r} is not in run {run!r}; known: {known}")
-            if record["round"] >= 0:
-                load_checkpoint_manifest(record["path"])  # never champion a folder without its manifest
-            store.set_champion(run, checkpoint)
+            resolve_checkpoint(record)  # never champion a folder without its manifest
+            current = store.champion(run)
+            store.set_champion(run, checkpoint, expected=None if current is None else current["id"])
     except RunLockedError as exc:
         raise RunLockedError(f"{command} refused, the champion is unchanged: {exc}") from None
     verb = {"promote": "promoted", "rollback": "rolled back to"}[command]
@@ -370,7 +370,7 @@ def _precheck(cfg, run: str, round_: int | None = None, rounds: int | None = Non
     the run lock for the block: the flow called inside re-enters it, so a round takes the lock once."""
     from ampo.config import validate_run_id
     from ampo.runlock import run_lock
-    from ampo.stages import check_stage_round
+    from ampo.stages import check_round_order, check_stage_round
 
     validate_run_id(run)
     if round_ is not None:
@@ -380,6 +380,8 @@ def _precheck(cfg, run: str, round_: int | None = None, rounds: int | None = Non
     if wait > 0:
         typer.echo(f"waiting up to {wait:g}s for run {run!r} if another process holds it", err=True)
     with run_lock(cfg.store.uri, run, wait_s=wait) as holder:
+        if round_ is not None:
+            check_round_order(cfg, run, round_)
         yield holder
 
 
@@ -397,8 +399,8 @@ def main() -> None:
 
 
 _STORE_URI: dict[str, str] = {}  # the store of the config this command read, named in errors the store raises
-EXPECTED_ERRORS = ("ValueError", "FileNotFoundError", "RunLockedError", "StageProcessError", "TransientStageError")
-LANCE_IO = re.compile(r"lance error: LanceError\(IO\): (?P<what>.*?)(?:, /\S+\.rs:\d+:\d+)?$", re.S)
+EXPECTED_ERRORS = ("ValueError", "FileNotFoundError", "RunLockedError", "StageProcessError", "RewardFunctionError")
+LANCE_IO = re.compile(r"lance error: LanceError\(IO\): (?P<what>.*?)(?:, /\S+\.rs:\d+:\d+)?$", re.DOTALL)
 
 
 def error_line(exc: BaseException, store_uri: str | None = None) -> str:

@@ -27,6 +27,7 @@ def self_play_round(config: RunConfig, run_id: RunId, round: int | None = None, 
         stages.check_stage_round(round)
     with run_lock(config.store.uri, run_id, wait_s=wait_s):  # re-entered, not retaken, under `ampo round`
         round_ = stages.next_round(config, run_id) if round is None else round
+        stages.check_round_order(config, run_id, round_)  # before any stage: round r needs round r-1 complete
         for name in stages.STAGES:
             STAGE_TASKS[name](config, run_id, round_)
         files = report(config, run_id, round_)

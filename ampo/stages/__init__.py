@@ -24,8 +24,6 @@ from ampo.stages.data import embed, generate, score, select
 from ampo.stages.gate import StageResult, evaluate, promote
 from ampo.stages.learn import reflogps, train
 from ampo.stages.report import round_outcome, write_round_report
-from ampo.store import filters
-from ampo.store.tables import scan
 
 STAGE_FUNCTIONS: dict[str, Callable[[RoundContext], dict | StageResult]] = {
     "generate": generate,
@@ -40,8 +38,9 @@ STAGE_FUNCTIONS: dict[str, Callable[[RoundContext], dict | StageResult]] = {
 assert tuple(STAGE_FUNCTIONS) == STAGES, "the stage table and the schema's stage order must agree"
 ISOLATED_STAGES = frozenset({"generate", "score", "embed", "reflogps", "train", "evaluate"})  # load models
 
-__all__ = ["STAGES", "STAGE_FUNCTIONS", "StageProcessError", "StageResult", "is_transient", "next_round",
-           "round_dir", "round_outcome", "run_stage", "run_stage_isolated", "write_round_report"]  # fmt: skip
+__all__ = ["STAGES", "STAGE_FUNCTIONS", "StageProcessError", "StageResult", "check_round_order", "is_transient",
+           "next_round", "round_dir", "round_outcome", "run_stage", "run_stage_isolated",
+           "write_round_report"]  # fmt: skip
 
 
 def run_stage(name: str, cfg: RunConfig, run: str, round_: int, *, force: bool = False,
@@ -55,6 +54,7 @@ def run_stage(name: str, cfg: RunConfig, run: str, round_: int, *, force: bool =
     status = store.stage_status(run, round_)
     if not force and status.get(name, {}).get("status") == "done":
         return {**status[name], "skipped": True}
+    check_round_order(cfg, run, round_)
     before = STAGES[: STAGES.index(name)]
     missing = [s for s in before if status.get(s, {}).get("status") != "done"]
     if missing:
@@ -114,8 +114,7 @@ def next_round(cfg: RunConfig, run: str) -> int:
     """The round to run now: an unfinished round if there is one, else the one after the last finished round."""
     validate_run_id(run)
     store = open_store(cfg)
-    rows = scan(store.rounds, filters.run_is(run), ["round", "stage", "status"]).to_pylist()
-    rows = [r for r in rows if r["round"] >= 0]  # a store written before rounds < 0 were refused
+    rows = [r for r in store.stage_records(run) if r["round"] >= 0]  # a store written before rounds < 0 were refused
     if not rows:
         return 0
     last = max(r["round"] for r in rows)
@@ -123,12 +122,25 @@ def next_round(cfg: RunConfig, run: str) -> int:
     return last + 1 if promoted else last
 
 
+def check_round_order(cfg: RunConfig, run: str, round_: int) -> None:
+    """Rounds run in order: a stage of round r > 0 runs only once round r-1 is complete (its promote finished).
+    Round r starts from the champion that round r-1 left; starting it earlier would train and gate it against a
+    champion that the unfinished round may still replace."""
+    if round_ == 0:
+        return
+    previous = open_store(cfg).stage_status(run, round_ - 1).get("promote") or {}
+    if previous.get("status") != "done":
+        raise ValueError(f"run {run!r} round {round_} cannot start: round {round_ - 1} is not complete (its promote "
+                         f"stage has not finished). Rounds run in order; the next round to run is "
+                         f"{next_round(cfg, run)} (`ampo round` without --round runs it)")
+
+
 TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE}
 
 
 def is_transient(exc: BaseException | object) -> bool:
     """True for errors a retry can fix: timeouts, dropped connections, store commit conflicts. Never OOM or bugs."""
-    from ampo.store.tables import StoreConflictError
+    from ampo.store import StoreConflictError
 
     if isinstance(exc, StoreConflictError | TimeoutError | ConnectionError | TransientStageError):
         return True

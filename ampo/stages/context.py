@@ -14,9 +14,20 @@ from ampo.store import Store
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 
-def open_store(cfg: RunConfig) -> Store:
-    """The store of a config, opened once per process (every read sees the latest commit of any writer)."""
-    return _store(cfg.store.uri, cfg.embedding.dim)
+def open_store(cfg: RunConfig, *, must_exist: bool = False) -> Store:
+    """The store of a config, opened once per process (every read sees the latest commit of any writer).
+
+    A local `store.uri` that is a file is an error; so is a missing one with `must_exist` (commands that only
+    read never create a store). Object-store URIs are not checked here.
+    """
+    uri = cfg.store.uri
+    if "://" not in uri:
+        path = Path(uri)
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"store.uri {uri!r} is a file; it must be a folder (created when missing)")
+        if must_exist and not path.is_dir():
+            raise FileNotFoundError(f"no store at {uri}: nothing has been recorded there (check store.uri)")
+    return _store(uri, cfg.embedding.dim)
 
 
 @lru_cache(maxsize=8)
@@ -62,12 +73,13 @@ class RoundContext:
 
         Round 0 of a new run registers the configured policy as the run's first champion. The record lives in the
         round's folder, so later stages and re-runs use the same policy even after this round promoted another.
+        Each stage checks it again before reading it (ampo.checkpoints.resolve_checkpoint: manifest present).
         """
         path = self.dir / "start.json"
         if path.is_file():
-            return json.loads(path.read_text())
+            return self._readable(json.loads(path.read_text()))
         champion = self.store.champion(self.run) or register_initial_policy(self.cfg, self.run, self.store)
-        start = {"id": champion["id"], "path": champion["path"]}
+        start = self._readable(champion)
         write_json_atomic(path, start)
         return start
 
@@ -77,7 +89,16 @@ class RoundContext:
         record = self.store.get_checkpoint(initial_checkpoint_id(self.run))
         if record is None:
             record = register_initial_policy(self.cfg, self.run, self.store)
-        return {"id": record["id"], "path": record["path"]}
+        return self._readable(record)
+
+    def _readable(self, ref: dict) -> dict:
+        """{"id", "path"} of a checkpoint that may be read: its registry row (for its round) with the path given."""
+        from ampo.checkpoints import resolve_checkpoint
+
+        row = self.store.get_checkpoint(ref["id"])
+        if row is None:
+            raise ValueError(f"run {self.run!r} round {self.round}: checkpoint {ref['id']!r} is not in the registry")
+        return {"id": ref["id"], "path": resolve_checkpoint({**row, "path": ref["path"]})}
 
 
 def register_initial_policy(cfg: RunConfig, run: str, store: Store) -> dict:
@@ -89,7 +110,7 @@ def register_initial_policy(cfg: RunConfig, run: str, store: Store) -> dict:
         store.upsert_checkpoint({"id": ckpt_id, "run": run, "round": -1, "path": resolve_policy(cfg.policy),
                                  "parent": None, "status": "candidate"})
     if store.champion(run) is None:
-        store.set_champion(run, ckpt_id)
+        store.set_champion(run, ckpt_id, expected=None)
     return store.get_checkpoint(ckpt_id)
 
 

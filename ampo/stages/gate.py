@@ -34,9 +34,8 @@ def evaluate(ctx: RoundContext) -> StageResult:
     if not prompts:
         raise ValueError(f"the evaluation sources {ctx.cfg.eval.sources} hold no prompts")
     stack = RewardStack(ctx.cfg.reward, ctx.cfg.runtime)
-    key = _eval_key(ctx, prompts)
-    champion = _cached_outputs(ctx, ctx.start, prompts, stack, key)
-    outputs = _cached_outputs(ctx, candidate, prompts, stack, key)  # if promoted, next round's champion: cached
+    champion = _cached_outputs(ctx, ctx.start, prompts, stack)
+    outputs = _cached_outputs(ctx, candidate, prompts, stack)  # if promoted, next round's champion: cached
     write_json_atomic(ctx.dir / "eval-candidate.json", {k: v for k, v in outputs.items() if k != "cached"})
     evaluation = compare(_answers(outputs, prompts), _answers(champion, prompts), ctx.cfg.eval.gates)
     metrics = evaluation.model_dump()  # structured: promote reads it back with Evaluation.model_validate
@@ -49,7 +48,9 @@ def _candidate(ctx: RoundContext) -> dict:
     record = ctx.store.get_checkpoint(candidate_checkpoint_id(ctx.run, ctx.round))
     if record is None:
         raise ValueError(f"run {ctx.run!r} round {ctx.round} has no candidate checkpoint; run the train stage first")
-    return {"id": record["id"], "path": record["path"]}
+    from ampo.checkpoints import resolve_checkpoint
+
+    return {"id": record["id"], "path": resolve_checkpoint(record)}
 
 
 def _eval_generation(ctx: RoundContext):
@@ -78,12 +79,20 @@ def _weights_fingerprint(path: str) -> str:
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:12]
 
 
-def _cached_outputs(ctx: RoundContext, policy: dict, prompts: list, stack, key: str) -> dict:
-    """A policy's evaluation outputs, computed once per (checkpoint, its weights, evaluation settings)."""
+def eval_cache_path(ctx: RoundContext, policy: dict, prompts: list | None = None) -> Path:
+    """Where the evaluation outputs of `policy` ({"id", "path"}) under this round's settings are cached."""
+    from ampo.prompts import eval_prompts
     from ampo.stages.context import run_dir
 
-    name = f"{policy['id']}-{_weights_fingerprint(policy['path'])}-{key}.json"
-    path = run_dir(ctx.cfg, ctx.run) / "eval-cache" / name
+    if prompts is None:
+        prompts = [p for source in eval_prompts(ctx.cfg.eval, ctx.cfg.prompts).values() for p in source]
+    name = f"{policy['id']}-{_weights_fingerprint(policy['path'])}-{_eval_key(ctx, prompts)}.json"
+    return run_dir(ctx.cfg, ctx.run) / "eval-cache" / name
+
+
+def _cached_outputs(ctx: RoundContext, policy: dict, prompts: list, stack) -> dict:
+    """A policy's evaluation outputs, computed once per (checkpoint, its weights, evaluation settings)."""
+    path = eval_cache_path(ctx, policy, prompts)
     if path.is_file():
         return {**json.loads(path.read_text()), "cached": True}
     outputs = _policy_outputs(ctx, policy, prompts, stack)
@@ -130,7 +139,10 @@ def promote(ctx: RoundContext) -> StageResult:
     ckpt_id = candidate_checkpoint_id(ctx.run, ctx.round)
     ctx.store.upsert_checkpoint({"id": ckpt_id, "metrics": {**m, "gate": decision.as_dict()}})
     if decision.passed:
-        ctx.store.set_champion(ctx.run, ckpt_id)
+        from ampo.checkpoints import resolve_checkpoint
+
+        resolve_checkpoint(ctx.store.get_checkpoint(ckpt_id))  # never champion a folder without its manifest
+        ctx.store.set_champion(ctx.run, ckpt_id, expected=ctx.start["id"])  # the champion the gate compared with
     elif ctx.store.get_checkpoint(ckpt_id)["status"] != "champion":
         ctx.store.upsert_checkpoint({"id": ckpt_id, "status": "rejected"})
     champion = ctx.store.champion(ctx.run)["id"]

@@ -64,8 +64,27 @@ def champion(table: Table, run: str) -> dict | None:
     return _decoded(rows[0]) if rows else None
 
 
-def set_champion(table: Table, run: str, checkpoint_id: str) -> int:
+class _Any:
+    def __repr__(self) -> str:
+        return "ANY"
+
+
+ANY = _Any()  # set_champion(expected=ANY): swap whatever the current champion is
+
+# Each row of a swap is updated only if its stored status is still the one the swap was built from: the new
+# champion is not the champion yet, the one it retires still is. Evaluated by the merge itself, in its commit.
+_SWAP_GUARD = ("(source.status = 'champion' AND target.status <> 'champion') OR "
+               "(source.status = 'retired' AND target.status = 'champion')")
+
+
+def set_champion(table: Table, run: str, checkpoint_id: str, *, expected: str | None | _Any = ANY) -> int:
     """Promote `checkpoint_id` and retire the run's current champion in ONE merge_insert (one commit).
+
+    `expected` is the champion the caller compared the candidate with (a checkpoint id, or None for "no champion
+    yet"): if the run's champion is another one now, the swap is refused (ValueError) and nothing is written. The
+    merge itself re-checks each row's status (`_SWAP_GUARD`), so a champion changed between the read and the
+    commit updates fewer rows: that swap is undone and refused too. Writers of the champion hold the run lock
+    (ampo.runlock), which makes that second case a guard, not a path.
 
     Returns the table version. The checkpoint must exist and belong to `run`; promoting the current champion
     again writes nothing (a re-run promote stage is harmless).
@@ -76,15 +95,29 @@ def set_champion(table: Table, run: str, checkpoint_id: str) -> int:
     current = champion(table, run)
     if current is not None and current["id"] == checkpoint_id:
         return table.version
+    current_id = None if current is None else current["id"]
+    if expected is not ANY and expected != current_id:
+        raise ValueError(f"refusing to make {checkpoint_id!r} the champion of run {run!r}: it was compared with "
+                         f"{expected!r}, but the champion is now {current_id!r}. Roll back to {expected!r} "
+                         f"(`ampo rollback --to {expected}`) to promote it, or start a new round")
     rows = [{"id": checkpoint_id, "status": "champion", "promoted_at": utcnow()}]
     if current is not None:
         rows.append({"id": current["id"], "status": "retired", "promoted_at": current["promoted_at"]})
-    result = upsert(table, to_table(rows, Checkpoint, partial=True), insert=False)
+    result = upsert(table, to_table(rows, Checkpoint, partial=True), insert=False, where=_SWAP_GUARD)
     if result.num_updated_rows != len(rows):
-        raise RuntimeError(
-            f"champion swap updated {result.num_updated_rows} of {len(rows)} rows in run {run!r}"
-        )
+        _undo_partial_swap(table, target, run)
+        raise ValueError(f"champion swap in run {run!r} updated {result.num_updated_rows} of {len(rows)} rows: "
+                         f"the champion changed while {checkpoint_id!r} was being promoted (now "
+                         f"{(champion(table, run) or {}).get('id')!r}); nothing was promoted")
     return result.version
+
+
+def _undo_partial_swap(table: Table, before: dict, run: str) -> None:
+    """After a swap whose old champion had changed: put the would-be champion back as it was, if it changed."""
+    now = get_checkpoint(table, before["id"])
+    if now is not None and now["status"] == "champion" and before["status"] != "champion":
+        restore = [{"id": before["id"], "status": before["status"], "promoted_at": before["promoted_at"]}]
+        upsert(table, to_table(restore, Checkpoint, partial=True), insert=False, where="target.status = 'champion'")
 
 
 def _decoded(row: dict) -> dict:

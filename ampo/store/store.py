@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
@@ -13,13 +14,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lancedb.index import Bitmap, BTree
 
-from ampo.config import RUN_ID_PATTERN, StoreConfig, validate_run_id
+from ampo.config import RUN_ID_PATTERN, validate_run_id
 from ampo.schema import (
+    CANDIDATE_KEY,
     EMBED_DIM,
     PROMPT_ID_PATTERN,
     ROLES,
     Checkpoint,
     RoundStage,
+    candidate_ids,
     check_choice,
     check_round,
     make_candidate_model,
@@ -34,15 +37,29 @@ log = logging.getLogger(__name__)
 INDEX_MIN_ROWS = (
     100_000  # below this a scan beats an index (and index builds cost seconds); see docs/store.md
 )
-KEY_COLUMNS = ("id", "run", "round", "prompt_id", "sample")  # fixed once a candidate is written
+KEY_COLUMNS = ("id", *CANDIDATE_KEY)  # fixed once a candidate is written
 NO_PRUNING = timedelta(days=36_500)  # optimize() never deletes versions: tagged rounds must stay readable
 
 
-class Store(CandidatesView):
+def _on_latest(read):
+    """A CandidatesView read, offered by Store on the latest version of the candidates table."""
+
+    @functools.wraps(read)
+    def on_latest(self, *args, **kwargs):
+        return read(self.latest, *args, **kwargs)
+
+    return on_latest
+
+
+class Store:
     """The store of one or more runs: tables `candidates`, `rounds`, `checkpoints` under `uri`.
 
     `uri` is a local folder or an object-store URI (s3://, gs://, az://), passed to lancedb.connect unchanged.
     Every read sees the latest commit of any process (read_consistency_interval=0). One writer per table per stage.
+
+    Its methods are the whole API: no caller reads a table itself. The parts it is made of: `latest`, a
+    CandidatesView of the candidates table (the reads below run on it; `checkout_round` gives one at a tag), and the
+    `rounds` and `checkpoints` tables, through ampo.store.stages and ampo.store.checkpoints.
     """
 
     def __init__(self, uri: str, dim: int = EMBED_DIM, *, storage_options: dict | None = None):
@@ -54,14 +71,26 @@ class Store(CandidatesView):
         self.candidates = open_table(self.db, "candidates", self.model)
         self.rounds = open_table(self.db, "rounds", RoundStage)
         self.checkpoints = open_table(self.db, "checkpoints", Checkpoint)
-        super().__init__(self.candidates, dim)
-
-    @classmethod
-    def from_config(cls, cfg: StoreConfig, dim: int = EMBED_DIM) -> Store:
-        return cls(cfg.uri, dim)
+        self.dim = dim
+        self.latest = CandidatesView(self.candidates, dim)
 
     def __repr__(self) -> str:
         return f"Store({self.uri!r}, dim={self.dim})"
+
+    # -- candidates: reads of the latest version (see CandidatesView) ------------------------------------------
+
+    @property
+    def version(self) -> int:
+        """The candidates table's current version."""
+        return self.candidates.version
+
+    count = _on_latest(CandidatesView.count)
+    read_pools = _on_latest(CandidatesView.read_pools)
+    read_rows = _on_latest(CandidatesView.read_rows)
+    prompt_pool = _on_latest(CandidatesView.prompt_pool)
+    selected_groups = _on_latest(CandidatesView.selected_groups)
+    neighbours = _on_latest(CandidatesView.neighbours)
+    neighbours_of_row = _on_latest(CandidatesView.neighbours_of_row)
 
     # -- candidates: writes -----------------------------------------------------------------------------------
 
@@ -161,6 +190,10 @@ class Store(CandidatesView):
     def is_done(self, run: str, round: int, stage: str) -> bool:
         return stages.is_done(self.rounds, run, round, stage)
 
+    def stage_records(self, run: str | None = None) -> list[dict]:
+        """Every stage record (JSON fields decoded) of one run, or of all runs, sorted by (run, round)."""
+        return stages.stage_records(self.rounds, run)
+
     # -- tags: a round's data, pinned ----------------------------------------------------------------------------
 
     def tag_round(self, run: str, round: int) -> str:
@@ -199,8 +232,8 @@ class Store(CandidatesView):
     def champion(self, run: str) -> dict | None:
         return checkpoints.champion(self.checkpoints, run)
 
-    def set_champion(self, run: str, checkpoint_id: str) -> int:
-        return checkpoints.set_champion(self.checkpoints, run, checkpoint_id)
+    def set_champion(self, run: str, checkpoint_id: str, *, expected=checkpoints.ANY) -> int:
+        return checkpoints.set_champion(self.checkpoints, run, checkpoint_id, expected=expected)
 
     # -- maintenance ---------------------------------------------------------------------------------------------
 
@@ -229,7 +262,7 @@ def round_tag(run: str, round: int) -> str:
 
 
 def _check_candidate_keys(table: pa.Table) -> None:
-    """Ids equal "{run}/{round}/{prompt_id}/{sample}", runs and prompt ids match their patterns, ids are unique."""
+    """Ids equal `candidate_ids` of their key columns, runs and prompt ids match their patterns, ids are unique."""
     for column, pattern in (("run", RUN_ID_PATTERN), ("prompt_id", PROMPT_ID_PATTERN)):
         bad = pc.invert(pc.match_substring_regex(table[column], pattern))
         if pc.any(bad).as_py():
@@ -237,13 +270,7 @@ def _check_candidate_keys(table: pa.Table) -> None:
     for column in ("round", "sample"):
         if pc.min(table[column]).as_py() < 0:
             raise ValueError(f"{column} must be >= 0, got {pc.min(table[column]).as_py()}")
-    parts = [
-        table["run"],
-        table["round"].cast(pa.string()),
-        table["prompt_id"],
-        table["sample"].cast(pa.string()),
-    ]
-    expected = pc.binary_join_element_wise(*parts, "/")
+    expected = candidate_ids(table)
     bad = pc.not_equal(table["id"], expected)
     if pc.any(bad).as_py():
         first = pc.index(bad, True).as_py()

@@ -17,14 +17,36 @@ class StoreConflictError(RuntimeError):
 
 
 def open_table(db: DBConnection, name: str, model: type[LanceModel]) -> Table:
-    """Open table `name`, creating it empty with `model`'s schema; a different existing schema is an error."""
+    """Open table `name`, creating it empty with `model`'s schema; a different existing schema is an error.
+
+    One change is applied instead: a table written before `model` gained nullable columns at its end gets those
+    columns, all null, in one commit (old rows read them as None; nothing else changes).
+    """
     expected = model.to_arrow_schema()
     try:
         table = db.open_table(name)
     except ValueError:  # "Table ... was not found"
         return db.create_table(name, schema=expected, exist_ok=True)  # exist_ok: a concurrent creator wins
+    added = _added_columns(table.schema, expected)
+    if added:
+        log.info("table %s: adding the column(s) %s (null in existing rows)", name, [f.name for f in added])
+        try:
+            table.add_columns(added)
+        except (OSError, RuntimeError, ValueError) as err:  # a concurrent opener added them first
+            if _added_columns(table.schema, expected) == added:
+                raise
+            log.debug("columns of %s added concurrently: %s", name, err)
     _check_schema(name, table.schema, expected)
     return table
+
+
+def _added_columns(found: pa.Schema, expected: pa.Schema) -> list[pa.Field]:
+    """The nullable fields `expected` has after all of `found`'s (same names, in order); [] if it differs otherwise."""
+    n = len(found)
+    if n >= len(expected) or found.names != expected.names[:n]:
+        return []
+    rest = list(expected)[n:]
+    return rest if all(f.nullable for f in rest) else []
 
 
 def _check_schema(name: str, found: pa.Schema, expected: pa.Schema) -> None:
@@ -39,13 +61,14 @@ def _check_schema(name: str, found: pa.Schema, expected: pa.Schema) -> None:
         )
 
 
-def upsert(table: Table, data: pa.Table, *, insert: bool = True):
+def upsert(table: Table, data: pa.Table, *, insert: bool = True, where: str | None = None):
     """One merge_insert on "id": update matched rows (only the columns in `data`), insert new ones if `insert`.
 
     One call is one commit. LanceDB retries commits that race with another writer (MergeResult.num_attempts);
-    a conflict it cannot resolve raises StoreConflictError.
+    a conflict it cannot resolve raises StoreConflictError. `where` (a filter over `source.` and `target.`
+    columns, built from checked values only) limits which matched rows are updated, within the same commit.
     """
-    builder = table.merge_insert("id").when_matched_update_all()
+    builder = table.merge_insert("id").when_matched_update_all(where=where)
     if insert:
         builder = builder.when_not_matched_insert_all()
     try:
