@@ -38,6 +38,7 @@ from ampo.checkpoints import (
     config_hash,
     latest_training_state,
     load_checkpoint_manifest,
+    load_training_state,
     read_trainer_state,
     remove_training_states,
     save_policy,
@@ -53,6 +54,7 @@ from ampo.training_data import (
     Group,
     TokenizedGroup,
     collate,
+    count_truncated,
     data_fingerprint,
     load_groups,
     micro_batches,
@@ -136,6 +138,8 @@ def train(policy_path: str, groups: list[Group], loss_fn: LossFn, cfg: TrainConf
 
     Resumes from output_dir/state/ when a previous attempt left a state; returns the finished checkpoint as is
     when output_dir already has its manifest. `progress(step, total_steps, metrics)` is called after each step.
+    Reference log-probs the groups carry must come from these same groups (ampo.reflogps): a pairwise loss trains
+    on each group's best-vs-worst pair with the tokens the pair had in its group, so the two always agree.
     """
     output_dir, runtime, options = Path(output_dir), runtime or RuntimeConfig(), options or ForwardOptions()
     check_manifest_extra(manifest_extra or {})
@@ -152,10 +156,11 @@ def train(policy_path: str, groups: list[Group], loss_fn: LossFn, cfg: TrainConf
     accelerator = make_accelerator(cfg, runtime)
     set_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=runtime.trust_remote_code)
+    tgroups, _ = tokenize_groups(tokenizer, groups, max_length=cfg.max_length,
+                                 max_prompt_length=cfg.max_prompt_length, options=options)
     if loss_fn.spec.pairwise:  # DPO/SimPO on AMPO groups: best chosen vs worst rejected, no wasted forward
-        groups = [g.best_vs_worst() for g in groups]
-    tgroups, n_truncated = tokenize_groups(tokenizer, groups, max_length=cfg.max_length,
-                                           max_prompt_length=cfg.max_prompt_length, options=options)
+        tgroups = [t.best_vs_worst() for t in tgroups]  # tokenised in their group, as the reference saw them
+    n_truncated = count_truncated(tgroups)
     kept = trainable_groups(tgroups, loss_fn)
     n_proc = accelerator.num_processes
     plan = plan_steps(len(kept), groups_per_step=cfg.groups_per_step, grad_accum=cfg.grad_accum,
@@ -167,9 +172,9 @@ def train(policy_path: str, groups: list[Group], loss_fn: LossFn, cfg: TrainConf
     scheduler = get_scheduler(SCHEDULERS[cfg.scheduler], optimizer, num_training_steps=len(plan),
                               num_warmup_steps=math.ceil(cfg.warmup_ratio * len(plan)))
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step, not per process
+    # the scheduler: stepped by us once per optimizer step (not by accelerate per process), saved with the state
     identity = {"config_hash": config_id, "data_hash": data_id, "num_processes": n_proc}
-    start, history = resume(accelerator, output_dir, identity)
+    start, history = resume(accelerator, output_dir, identity, model=model, optimizer=optimizer, scheduler=scheduler)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     step_fn = StepRunner(accelerator, model, optimizer, scheduler, loss_fn, kept, cfg, options, pad_id,
                          tokenizer.eos_token_id)
@@ -180,7 +185,8 @@ def train(policy_path: str, groups: list[Group], loss_fn: LossFn, cfg: TrainConf
         history.append(metrics)
         log.info("step %d/%d loss %.4f lr %.3g", step + 1, len(plan), metrics["train/loss"], metrics["train/lr"])
         if should_save(step + 1, cfg.save_every, per_epoch, len(plan)):
-            save_training_state(accelerator, output_dir, step + 1, {**identity, "next_step": step + 1,
+            save_training_state(accelerator, output_dir, step + 1, model=model, optimizer=optimizer,
+                                scheduler=scheduler, trainer_state={**identity, "next_step": step + 1,
                                                                      "epoch": (step + 1) // per_epoch,
                                                                      "history": history})
         if progress is not None:
@@ -326,6 +332,9 @@ def load_policy(policy_path: str, cfg: TrainConfig, runtime: RuntimeConfig):
     """The policy in fp32 master weights, with gradient checkpointing and a LoRA adapter when configured."""
     from transformers import AutoModelForCausalLM
 
+    from ampo.models import check_safetensors
+
+    check_safetensors(policy_path)  # a truncated file: one error naming it
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32,
                                                  trust_remote_code=runtime.trust_remote_code)
     if cfg.gradient_checkpointing:
@@ -371,8 +380,9 @@ def trainable_groups(tgroups: list[TokenizedGroup], loss_fn: LossFn) -> list[Tok
     return kept
 
 
-def resume(accelerator, output_dir: Path, identity: dict) -> tuple[int, list[dict]]:
-    """Load the newest saved state of this run, if any. Returns (steps already done, their metrics)."""
+def resume(accelerator, output_dir: Path, identity: dict, *, model, optimizer, scheduler) -> tuple[int, list[dict]]:
+    """Load the newest saved state of this run, if any (safetensors and JSON only; a pickle-based file is refused).
+    Returns (steps already done, their metrics)."""
     state_dir = latest_training_state(output_dir)
     if state_dir is None:
         return 0, []
@@ -381,7 +391,7 @@ def resume(accelerator, output_dir: Path, identity: dict) -> tuple[int, list[dic
     if differs:
         raise ValueError(f"{state_dir} was saved by a different run (saved, now): {differs}; "
                          f"use a new output_dir or delete {state_dir.parent}")
-    accelerator.load_state(str(state_dir))
+    load_training_state(accelerator, state_dir, model=model, optimizer=optimizer, scheduler=scheduler)
     log.info("resumed from %s after %d steps", state_dir, state["next_step"])
     return state["next_step"], state["history"]
 

@@ -48,15 +48,21 @@ class Group:
     def size(self) -> int:
         return len(self.responses)
 
-    def best_vs_worst(self) -> Group:
-        """The pair a pairwise loss (DPO, SimPO) trains on: the highest-reward chosen member against the
-        lowest-reward rejected one, ties to the lower index. A group without both roles comes back as it is
-        (the loss finds it untrainable and it is counted as skipped)."""
+    def best_vs_worst_members(self) -> list[int]:
+        """Indices of the pair a pairwise loss (DPO, SimPO) trains on: the highest-reward chosen member and the
+        lowest-reward rejected one, ties to the lower index. Every member when the group has two members or lacks
+        a role (the loss then finds it untrainable and it is counted as skipped)."""
         chosen = [i for i, c in enumerate(self.chosen) if c]
         rejected = [i for i, c in enumerate(self.chosen) if not c]
         if len(self.responses) == 2 or not chosen or not rejected:
+            return list(range(self.size))
+        return [max(chosen, key=lambda i: (self.rewards[i], -i)), min(rejected, key=lambda i: (self.rewards[i], i))]
+
+    def best_vs_worst(self) -> Group:
+        """The group reduced to `best_vs_worst_members` (itself when that is every member)."""
+        keep = self.best_vs_worst_members()
+        if len(keep) == self.size:
             return self
-        keep = [max(chosen, key=lambda i: (self.rewards[i], -i)), min(rejected, key=lambda i: (self.rewards[i], i))]
 
         def pick(values):
             return None if values is None else [values[i] for i in keep]
@@ -82,6 +88,14 @@ class TokenizedGroup:
     @property
     def n_tokens(self) -> int:
         return sum(len(e.input_ids) for e in self.examples)
+
+    def best_vs_worst(self) -> TokenizedGroup:
+        """The group's best-vs-worst pair, with the tokens it had in its group: the same tokens reference
+        log-probs computed on the group saw (the group's truncation can depend on a member outside the pair)."""
+        keep = self.group.best_vs_worst_members()
+        if len(keep) == len(self.examples):
+            return self
+        return TokenizedGroup(self.group.best_vs_worst(), [self.examples[i] for i in keep])
 
 
 @dataclass
@@ -116,14 +130,18 @@ def tokenize_groups(tokenizer, groups: Sequence[Group], *, max_length: int, max_
                     options: ForwardOptions = ForwardOptions()) -> tuple[list[TokenizedGroup], int]:
     """Chat-template tokenisation of every group (logps.build_group). Returns the groups and how many responses
     were truncated (prompt or response tokens cut to fit max_length)."""
-    out, truncated = [], 0
+    out = []
     for g in groups:
         examples = build_group(tokenizer, g.prompt, g.responses, max_length=max_length,
                                max_prompt_length=max_prompt_length, system_prompt=options.system_prompt,
                                response_span=options.response_span)
-        truncated += sum(e.n_truncated > 0 for e in examples)
         out.append(TokenizedGroup(g, examples))
-    return out, truncated
+    return out, count_truncated(out)
+
+
+def count_truncated(tgroups: Sequence[TokenizedGroup]) -> int:
+    """Responses whose prompt or response tokens were cut to fit max_length."""
+    return sum(e.n_truncated > 0 for t in tgroups for e in t.examples)
 
 
 def data_fingerprint(groups: Sequence[Group]) -> str:

@@ -15,7 +15,7 @@ from ampo.losses import loss_config
 from ampo.models import build_tiny_llama
 from ampo.reflogps import as_groups, compute_reference_logps, with_reference
 from ampo.trainer import make_loss_fn, train
-from ampo.training_data import Group
+from ampo.training_data import Group, tokenize_groups
 
 CPU = RuntimeConfig(device="cpu")
 CFG = TrainConfig(max_length=64, max_prompt_length=32, groups_per_step=2, grad_accum=1, lr=1e-3, warmup_ratio=0.0)
@@ -103,3 +103,30 @@ def test_dpo_with_its_own_reference_starts_at_log_two(policy, tmp_path, dtype):
     if dtype == "bfloat16":  # bf16 really ran: its log-probs differ from fp32's
         fp32 = compute_reference_logps(policy, pairs, CFG, CPU)
         assert 1e-4 < np.abs(ref.sum - fp32.sum).max() < 0.5
+
+
+def test_a_pairwise_loss_trains_on_the_tokens_its_reference_saw(policy, tmp_path):
+    # A group of 3 whose middle member is long: prompt (43 tokens) + that member > max_length 64, so the group's
+    # prompt keeps its last 32 tokens (max_prompt_length) for every member. The best-vs-worst pair alone
+    # (43 + 8 tokens) would fit untruncated, so a pair tokenised on its own sees 11 more prompt tokens than the
+    # reference computed on the group did. Policy = reference, so the same tokens give DPO -log sigmoid(0) = log 2
+    # at step 0. The pair tokenised alone (the trainer before this fix) gave 0.69885 here, 2.61 in the case found
+    # on review.
+    long = "The old lighthouse keeper counts the waves every night and writes their names in a small blue book."
+    group = Group("t", "Write a poem about the sea in four short lines, with a title in capitals.",
+                  ["The cat finds a quiet garden.", long, "the river"], [1.0, 0.0, -1.0], [True, False, False])
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    in_group, truncated = tokenize_groups(tokenizer, [group], max_length=64, max_prompt_length=32)
+    alone, truncated_alone = tokenize_groups(tokenizer, [group.best_vs_worst()], max_length=64, max_prompt_length=32)
+    assert truncated == 3 and truncated_alone == 0  # the case this test is about
+    assert in_group[0].best_vs_worst().examples == [in_group[0].examples[0], in_group[0].examples[2]]
+    assert in_group[0].examples[0].input_ids != alone[0].examples[0].input_ids
+
+    ref = compute_reference_logps(policy, [group], CFG, CPU)
+    cfg = CFG.model_copy(update={"groups_per_step": 1})
+    result = train(policy, with_reference([group], ref), make_loss_fn(loss_config("dpo")), cfg,
+                   output_dir=tmp_path / "ckpt", runtime=CPU)
+    assert result.losses[0] == pytest.approx(math.log(2), abs=1e-5)
+    assert result.metrics["data/truncated_responses"] == 2  # the pair, truncated as in its group
