@@ -11,16 +11,14 @@ import json
 from pathlib import Path
 
 from ampo.gates import gate_summary
-from ampo.store import Store, filters
-from ampo.store.tables import scan
+from ampo.store import Store
 
 
 def runs_overview(store: Store) -> list[dict]:
     """One row per (run, round): stages done, the failed or running stage, gate decision, champion of the run, and
     `skipped_no_spread`: pools the select stage skipped for want of reward spread (None before select is done)."""
-    rows = scan(store.rounds, "", ["run", "round", "stage", "status", "gate", "seconds", "counts"]).to_pylist()
     out: dict[tuple, dict] = {}
-    for r in sorted(rows, key=lambda r: (r["run"], r["round"])):
+    for r in store.stage_records():  # JSON fields decoded, sorted by (run, round)
         item = out.setdefault((r["run"], r["round"]), {"run": r["run"], "round": r["round"], "done": [],
                                                        "pending": [], "seconds": 0.0, "gate": None,
                                                        "skipped_no_spread": None})  # fmt: skip
@@ -28,9 +26,9 @@ def runs_overview(store: Store) -> list[dict]:
                                                                             else f"{r['stage']}:{r['status']}")
         item["seconds"] += r["seconds"] or 0.0
         if r["gate"]:
-            item["gate"] = gate_summary(json.loads(r["gate"]))
+            item["gate"] = gate_summary(r["gate"])
         if r["stage"] == "select" and r["status"] == "done" and r["counts"]:
-            item["skipped_no_spread"] = json.loads(r["counts"]).get("skipped_no_spread")
+            item["skipped_no_spread"] = r["counts"].get("skipped_no_spread")
     for item in out.values():
         champion = store.champion(item["run"])
         item["champion"] = champion["id"] if champion else None
@@ -39,9 +37,7 @@ def runs_overview(store: Store) -> list[dict]:
 
 def export_groups(store: Store, run: str, round_: int, path: str | Path) -> int:
     """Write the round's selected groups as JSON lines in the released AMPO layout; returns the number of groups."""
-    rows = scan(store.candidates, filters.round_is(run, round_), ["prompt_id", "sample", "prompt", "response",
-                                                                   "reward", "role"])  # fmt: skip
-    rows = rows.sort_by([("prompt_id", "ascending"), ("sample", "ascending")]).to_pylist()
+    rows = store.read_rows(run, round_, ["prompt_id", "prompt", "response", "reward", "role"]).to_pylist()
     records = [r for r in (ampo_record(pool) for pool in _pools(rows)) if r is not None]
     if not records:
         what = "no rows" if not rows else "no selected groups"

@@ -15,15 +15,16 @@ import re
 from datetime import UTC, datetime
 from functools import cache
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from lancedb.pydantic import LanceModel, Vector
 from pydantic import Field
 
 from ampo.config import validate_run_id
+from ampo.prompts.prompt import PROMPT_ID_PATTERN  # one pattern for prompts and stored rows
 
 EMBED_DIM = 384  # all-MiniLM-L6-v2, the embedded default
-PROMPT_ID_PATTERN = (
-    r"^[A-Za-z0-9][A-Za-z0-9_.:+=@-]{0,127}$"  # no '/', quotes or spaces: safe in ids and filters
-)
+CANDIDATE_KEY = ("run", "round", "prompt_id", "sample")  # a candidate's identity; its id joins them with '/'
 STAGE_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
 STAGES = (
     "generate",
@@ -83,6 +84,10 @@ def _candidate_model(dim: int) -> type[LanceModel]:
         dropped_reason: str | None = (
             None  # set when scoring skipped it (e.g. non-finite reward); kept, not lost
         )
+        # The prompt's verifiable instructions, kept with the row so scoring needs nothing but the row. Null in
+        # rows of a store written before these columns existed (opening it adds them, empty; see ampo.store.tables)
+        instruction_id_list: list[str] | None = None  # IFEval/IFBench instruction ids
+        instruction_kwargs: str | None = None  # JSON list, one kwargs dict per instruction id
 
     Candidate.__name__ = Candidate.__qualname__ = f"Candidate{dim}"
     return Candidate
@@ -132,8 +137,15 @@ class Checkpoint(LanceModel):
 
 
 def candidate_id(run: str, round: int, prompt_id: str, sample: int) -> str:
-    """The candidates merge key "{run}/{round}/{prompt_id}/{sample}", its parts validated."""
+    """The candidates merge key "{run}/{round}/{prompt_id}/{sample}" (CANDIDATE_KEY joined by '/'), parts validated."""
     return f"{validate_run_id(run)}/{check_round(round)}/{check_prompt_id(prompt_id)}/{check_int(sample, 'sample')}"
+
+
+def candidate_ids(table: pa.Table) -> pa.ChunkedArray | pa.Array:
+    """`candidate_id` of every row of an Arrow table with the CANDIDATE_KEY columns (not validated: see the store)."""
+    parts = [table[c] if table.schema.field(c).type == pa.string() else table[c].cast(pa.string())
+             for c in CANDIDATE_KEY]
+    return pc.binary_join_element_wise(*parts, "/")
 
 
 def stage_id(run: str, round: int, stage: str) -> str:

@@ -26,7 +26,8 @@ def candidate_fields(dim):
         ("reward_parts", S, True), ("vector", pa.list_(pa.float32(), dim), True), ("selected", B, False),
         ("role", S, False), ("selector", S, False), ("cluster", I, True), ("ref_logp_sum", F, True),
         ("ref_logp_mean", F, True), ("ref_n_tokens", I, True), ("lib_versions", S, False),
-        ("created_at", T, False), ("dropped_reason", S, True),
+        ("created_at", T, False), ("dropped_reason", S, True), ("instruction_id_list", pa.list_(S), True),
+        ("instruction_kwargs", S, True),
     ]  # fmt: skip
 
 
@@ -98,3 +99,32 @@ def test_checks_name_the_bad_value():
         check_round("3")
     with pytest.raises(ValueError, match="stage 'Gen'"):
         stage_id("r", 0, "Gen")
+
+
+@pytest.mark.parametrize("good", ["a", "ifbench-293", "gen-0-12", "A.b:c_d-e", "h+a=s@h", "x" * 128])
+def test_one_prompt_id_pattern_for_prompts_and_rows(good):
+    """The prompt source and the store accept the same ids ('+', '=', '@' included: hashes and e-mail-like keys)."""
+    from ampo.prompts import PROMPT_ID_PATTERN as prompts_pattern
+    from ampo.prompts import Prompt
+    from ampo.schema import PROMPT_ID_PATTERN
+
+    assert PROMPT_ID_PATTERN is prompts_pattern
+    assert Prompt(good, "hi").prompt_id == check_prompt_id(good) == good
+    assert candidate_id("r", 0, good, 1) == f"r/0/{good}/1"
+
+
+@pytest.mark.parametrize("bad", ["", "-a", "a/b", "a b", "a'b", 'a"b', "a\\b", "é", "x" * 129])
+def test_prompt_ids_unsafe_in_row_ids_are_refused_by_both(bad):
+    from ampo.prompts import Prompt
+
+    with pytest.raises(ValueError, match="must match"):
+        Prompt(bad, "hi")
+    with pytest.raises(ValueError, match="must match"):
+        check_prompt_id(bad)
+
+
+def test_candidate_ids_of_a_table_equal_candidate_id_row_by_row():
+    from ampo.schema import candidate_ids
+
+    table = pa.table({"run": ["r", "run-2"], "round": [0, 12], "prompt_id": ["p", "ifbench-3"], "sample": [5, 0]})
+    assert candidate_ids(table).to_pylist() == [candidate_id("r", 0, "p", 5), candidate_id("run-2", 12, "ifbench-3", 0)]

@@ -241,3 +241,37 @@ def test_run_ids_are_checked_by_the_runid_type_everywhere(tmp_path, bad):
         run_stage("generate", cfg, bad, 0)
     with pytest.raises(ValueError, match="run id .* must match"):
         filters.run_is(bad)
+
+
+def test_score_reads_each_prompt_from_its_row_not_from_the_config(tmp_path):
+    """The rows carry their instruction ids and kwargs: scoring works with the prompt source gone, and rows of an
+    older store (no instructions stored) fall back to the config's prompts, counted."""
+    rows = [{"prompt_id": "two", "prompt": "Write a haiku.", "instruction_id_list": ["punctuation:no_comma",
+             "change_case:english_lowercase"], "kwargs": [{}, {}]},
+            {"prompt_id": "one", "prompt": "Write a limerick.", "instruction_id_list": ["keywords:existence"],
+             "kwargs": [{"keywords": ["cat"]}]}]  # fmt: skip
+    path = tmp_path / "prompts.jsonl"
+    overrides = {"prompts.source": "jsonl", "prompts.path": _jsonl(path, rows), "prompts.per_round": 2,
+                 "reward.components": [{"kind": "python", "function": "stage_rewards:instruction_count"}]}
+    cfg = smoke_config(tmp_path, **overrides)
+    run_stage("generate", cfg, "rows", 0)
+    store = open_store(cfg)
+    stored = store.read_rows("rows", 0, ["prompt_id", "instruction_id_list", "instruction_kwargs"]).to_pylist()
+    assert {r["prompt_id"]: (r["instruction_id_list"], json.loads(r["instruction_kwargs"])) for r in stored} == {
+        "two": (["punctuation:no_comma", "change_case:english_lowercase"], [{}, {}]),
+        "one": (["keywords:existence"], [{"keywords": ["cat"]}])}
+    path.unlink()  # the prompt source is gone: score needs only the rows
+    record = run_stage("score", cfg, "rows", 0)
+    assert "prompts_from_config" not in record["counts"] and record["counts"]["scored"] == 2 * cfg.generation.n
+    scored = store.read_rows("rows", 0, ["prompt_id", "reward"]).to_pylist()
+    assert {r["prompt_id"]: r["reward"] for r in scored} == {"two": 2.0, "one": 1.5}  # 2 ids; 1 id + 1 kwarg / 2
+
+    # a row written before the store kept instructions: its prompt comes from the config, matched by id
+    _jsonl(path, rows)
+    old = [r["id"] for r in store.read_rows("rows", 0, ["id", "prompt_id"]).to_pylist() if r["prompt_id"] == "one"]
+    store.update_candidates(old, instruction_id_list=[None] * len(old), instruction_kwargs=[None] * len(old),
+                            reward=[None] * len(old))
+    record = run_stage("score", cfg, "rows", 0, force=True)
+    assert record["counts"]["prompts_from_config"] == len(old) == record["counts"]["scored"]
+    assert {r["prompt_id"]: r["reward"] for r in store.read_rows("rows", 0, ["prompt_id", "reward"]).to_pylist()} \
+        == {"two": 2.0, "one": 1.5}

@@ -395,6 +395,47 @@ def test_existing_store_with_another_dim_raises(tmp_path):
         Store(str(tmp_path / "s"), dim=8)
 
 
+def test_a_store_written_before_the_instruction_columns_opens_and_reads_them_as_null(tmp_path):
+    """A store from before the rows kept their prompt's instructions gains the two columns, null, on opening."""
+    from ampo.schema import make_candidate_model
+    from ampo.store.rows import to_table
+
+    new = ["instruction_id_list", "instruction_kwargs"]
+    full = make_candidate_model(DIM).to_arrow_schema()
+    old_schema = pa.schema([f for f in full if f.name not in new])
+    assert list(full.names[-2:]) == new  # added at the end: the only change open_table applies by itself
+    old_rows = to_table(rows_for("r", 0, {"p": 2}), make_candidate_model(DIM)).drop_columns(new)
+    lancedb.connect(str(tmp_path / "s")).create_table("candidates", old_rows, schema=old_schema)
+
+    store = Store(str(tmp_path / "s"), dim=DIM)
+    assert store.candidates.schema.names == full.names
+    got = store.read_rows("r", 0, ["id", "response", *new]).to_pylist()
+    assert [(r["id"], r["response"]) for r in got] == [("r/0/p/0", "response p 0"), ("r/0/p/1", "response p 1")]
+    assert all(r["instruction_id_list"] is None and r["instruction_kwargs"] is None for r in got)
+    row = dict(rows_for("r", 0, {"q": 1})[0], instruction_id_list=["punctuation:no_comma"], instruction_kwargs="[{}]")
+    store.upsert_candidates([row])
+    assert store.read_rows("r", 0, new)["instruction_id_list"].to_pylist() == [None, None, ["punctuation:no_comma"]]
+    assert Store(str(tmp_path / "s"), dim=DIM).count("r", 0) == 3  # reopening changes nothing more
+
+
+def test_stage_records_of_one_run_or_all(store):
+    store.stage_done("b", 1, "generate", {"rows": 1}, 0.5)
+    store.stage_done("a", 0, "generate", {"rows": 2}, 0.5)
+    store.stage_done("a", 0, "promote", {}, 0.1, gate={"passed": True})
+    assert [(r["run"], r["round"], r["stage"]) for r in store.stage_records("b")] == [("b", 1, "generate")]
+    every = store.stage_records()
+    assert [(r["run"], r["round"]) for r in every] == [("a", 0), ("a", 0), ("b", 1)]
+    assert {r["stage"]: r["gate"] for r in every if r["run"] == "a"} == {"generate": None, "promote": {"passed": True}}
+    assert every[-1]["counts"] == {"rows": 1}  # decoded
+
+
+def test_the_store_is_composed_not_a_view_subclass(store):
+    from ampo.store import CandidatesView
+
+    assert not isinstance(store, CandidatesView) and isinstance(store.latest, CandidatesView)
+    assert store.latest.table is store.candidates and store.version == store.candidates.version
+
+
 def test_reopened_store_sees_writes_of_another_handle(tmp_path):
     a, b = Store(str(tmp_path / "s"), dim=DIM), Store(str(tmp_path / "s"), dim=DIM)
     a.upsert_candidates(rows_for("r", 0, {"p": 2}))
@@ -443,7 +484,7 @@ class FailingTable:
     def merge_insert(self, on):
         return self
 
-    def when_matched_update_all(self):
+    def when_matched_update_all(self, where=None):
         return self
 
     def when_not_matched_insert_all(self):

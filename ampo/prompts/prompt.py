@@ -6,7 +6,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-PROMPT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"  # part of row ids "{run}/{round}/{prompt_id}/{sample}"
+# The one prompt-id pattern (ampo.schema checks stored rows with it too): part of the row ids
+# "{run}/{round}/{prompt_id}/{sample}", so no '/', and no quote, backslash or space (safe in store filters).
+PROMPT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:+=@-]{0,127}$"
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,7 @@ class Prompt:
         if not isinstance(self.prompt_id, str) or not re.fullmatch(PROMPT_ID_PATTERN, self.prompt_id):
             raise ValueError(
                 f"prompt id {self.prompt_id!r} must match {PROMPT_ID_PATTERN} "
-                "(letters, digits, '_', '.', ':', '-'; max 128; no '/', quotes or spaces)"
+                "(letters, digits, '_', '.', ':', '+', '=', '@', '-'; max 128; no '/', quotes or spaces)"
             )
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise ValueError(f"prompt {self.prompt_id!r} has no prompt text (got {self.prompt!r})")

@@ -9,6 +9,7 @@ from collections import Counter
 import numpy as np
 import pyarrow.compute as pc
 
+from ampo.schema import candidate_id
 from ampo.stages.context import RoundContext
 
 log = logging.getLogger(__name__)
@@ -77,10 +78,13 @@ def _generate(ctx: RoundContext, todo: list, counts: dict) -> None:
 
 
 def _row(ctx: RoundContext, prompt, sample: int, s, seed: int, versions: str) -> dict:
-    return {"id": f"{ctx.run}/{ctx.round}/{prompt.prompt_id}/{sample}", "run": ctx.run, "round": ctx.round,
+    """A candidate row: the response and the whole prompt it answers (text, instruction ids and kwargs)."""
+    return {"id": candidate_id(ctx.run, ctx.round, prompt.prompt_id, sample), "run": ctx.run, "round": ctx.round,
             "prompt_id": prompt.prompt_id, "sample": sample, "prompt": prompt.prompt, "response": s.text,
             "n_tokens": s.n_tokens, "finish_reason": s.finish_reason, "gen_logp_mean": s.logp_mean, "seed": seed,
-            "policy": ctx.start["id"], "lib_versions": versions}  # fmt: skip
+            "policy": ctx.start["id"], "lib_versions": versions,
+            "instruction_id_list": list(prompt.instruction_id_list),
+            "instruction_kwargs": json.dumps(prompt.kwargs, sort_keys=True)}  # fmt: skip
 
 
 def _validate_rewards(ctx: RoundContext, prompts: list) -> None:
@@ -104,20 +108,32 @@ def _lib_versions() -> str:
     return json.dumps(out, sort_keys=True)
 
 
+SCORE_COLUMNS = ["id", "prompt_id", "prompt", "response", "reward", "dropped_reason", "instruction_id_list",
+                 "instruction_kwargs"]  # fmt: skip
+
+
 def score(ctx: RoundContext) -> dict:
-    """Score every response that has neither a reward nor a drop reason yet, with the configured reward stack."""
+    """Score every response that has neither a reward nor a drop reason yet, with the configured reward stack.
+
+    The prompt of each response (text, instruction ids and kwargs) is read from its row. Rows written before the
+    store kept instructions (instruction_kwargs null) take their prompt from the config's prompt source instead,
+    matched by id, and are counted in `prompts_from_config`.
+    """
     from ampo.rewards import RewardStack
 
-    rows = ctx.store.read_rows(ctx.run, ctx.round, ["id", "prompt_id", "response", "reward", "dropped_reason"])
+    rows = ctx.store.read_rows(ctx.run, ctx.round, SCORE_COLUMNS)
     pending = rows.filter(pc.and_(pc.is_null(rows["reward"]), pc.is_null(rows["dropped_reason"])))
     counts = {"scored": 0, "dropped": 0, "already_scored": rows.num_rows - pending.num_rows}
     if pending.num_rows == 0:
         return counts
-    by_id = {p.prompt_id: p for p in round_prompts(ctx)}
+    legacy = pending["instruction_kwargs"].null_count
+    by_id = {p.prompt_id: p for p in round_prompts(ctx)} if legacy else {}
+    if legacy:
+        counts["prompts_from_config"] = legacy
     stack = RewardStack(ctx.cfg.reward, ctx.cfg.runtime)
     for lo in range(0, pending.num_rows, SCORE_BATCH):
         chunk = pending.slice(lo, SCORE_BATCH)
-        prompts = [_prompt_of(by_id, pid) for pid in chunk["prompt_id"].to_pylist()]
+        prompts = _row_prompts(chunk, by_id)
         result = stack.score(prompts, chunk["response"].to_pylist())
         parts = [json.dumps({c: float(v[i]) for c, v in result.parts.items()}) for i in range(chunk.num_rows)]
         reward = [None if d else float(t) for d, t in zip(result.dropped, result.total)]
@@ -131,10 +147,27 @@ def score(ctx: RoundContext) -> dict:
     return counts
 
 
+def _row_prompts(chunk, by_id: dict) -> list:
+    """The Prompt of each row of `chunk`, built from the row's own columns (one Prompt per prompt id)."""
+    from ampo.prompts import Prompt
+
+    built: dict[str, Prompt] = {}
+    for row in chunk.select(["prompt_id", "prompt", "instruction_id_list", "instruction_kwargs"]).to_pylist():
+        pid = row["prompt_id"]
+        if pid in built:
+            continue
+        if row["instruction_kwargs"] is None:
+            built[pid] = _prompt_of(by_id, pid)
+        else:
+            built[pid] = Prompt(pid, row["prompt"], row["instruction_id_list"] or [],
+                                json.loads(row["instruction_kwargs"]))
+    return [built[pid] for pid in chunk["prompt_id"].to_pylist()]
+
+
 def _prompt_of(by_id: dict, prompt_id: str):
     if prompt_id not in by_id:
-        raise ValueError(f"prompt {prompt_id!r} is in the store but not in this round's prompt source; "
-                         "was the prompts config changed mid-round?")
+        raise ValueError(f"prompt {prompt_id!r} is in the store, written without its instructions, and is not in "
+                         "this round's prompt source; was the prompts config changed mid-round?")
     return by_id[prompt_id]
 
 

@@ -64,11 +64,21 @@ def stage_failed(table: Table, run: str, round: int, stage: str, message: str) -
 
 def stage_status(table: Table, run: str, round: int) -> dict[str, dict]:
     """stage -> its record (JSON fields decoded) for every stage of (run, round) seen so far."""
-    rows = scan(table, filters.round_is(run, round)).to_pylist()
+    rows = _decoded(scan(table, filters.round_is(run, round)).to_pylist())
+    return {row["stage"]: row for row in sorted(rows, key=lambda r: r["started_at"] or r["finished_at"])}
+
+
+def stage_records(table: Table, run: str | None = None) -> list[dict]:
+    """Every stage record (JSON fields decoded) of `run`, or of all runs when None, sorted by (run, round)."""
+    rows = _decoded(scan(table, filters.run_is(run) if run is not None else "").to_pylist())
+    return sorted(rows, key=lambda r: (r["run"], r["round"]))
+
+
+def _decoded(rows: list[dict]) -> list[dict]:
     for row in rows:
         for name in JSON_FIELDS:
             row[name] = None if row[name] is None else json.loads(row[name])
-    return {row["stage"]: row for row in sorted(rows, key=lambda r: r["started_at"] or r["finished_at"])}
+    return rows
 
 
 def is_done(table: Table, run: str, round: int, stage: str) -> bool:
