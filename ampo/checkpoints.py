@@ -3,14 +3,16 @@
 Layout of a trainer's output folder (the folder is the checkpoint):
     config.json, model.safetensors, tokenizer files   the trained policy (transformers and vLLM load it)
     manifest.json                                     written last: a folder without it is never used
-    state/step-{n}/                                   accelerate state + trainer_state.json, the last 2 kept,
-                                                      removed once the manifest is written
+    state/step-{n}/                                   resumable state, no pickle (safetensors + JSON) +
+                                                      trainer_state.json, the last 2 kept, removed once the
+                                                      manifest is written
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -18,6 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 STATE_DIR = "state"
@@ -47,16 +51,50 @@ def config_hash(payload: dict) -> str:
 # ----------------------------------------------------------------------------- resumable training state
 
 
-def save_training_state(accelerator, output_dir: Path, step: int, trainer_state: dict, *, keep: int = 2) -> Path:
-    """accelerate state (model, optimizer, registered scheduler, RNG of every process) + trainer_state.json
-    into output_dir/state/step-{step}: written under a temporary name, renamed, older states pruned to `keep`."""
+STATE_MODEL = "model.safetensors"  # the (unwrapped) model's tensors
+STATE_OPTIMIZER = "optimizer.safetensors"  # the optimizer's per-parameter tensors ...
+STATE_OPTIMIZER_META = "optimizer.json"  # ... and the rest of its state_dict: scalars, param_groups
+STATE_SCHEDULER = "scheduler.json"  # the LR scheduler's state_dict (numbers only)
+STATE_RNG = "rng-{index}.safetensors"  # one per process: torch CPU and CUDA generator states, numpy's key ...
+STATE_RNG_META = "rng-{index}.json"  # ... and python's `random` state, numpy's position and cached gaussian
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt")  # formats that unpickle when loaded
+UNSUPPORTED_STATE = ("DEEPSPEED", "FSDP", "MEGATRON_LM")  # sharded states: no resumable state is written
+
+
+class UnsafeStateError(ValueError):
+    """A training state folder holding a pickle-based file: never loaded (a pickle can run code)."""
+
+
+def save_training_state(accelerator, output_dir: Path, step: int, trainer_state: dict, *, model, optimizer,
+                        scheduler, keep: int = 2) -> Path | None:
+    """The resumable state after `step` optimizer steps into output_dir/state/step-{step}, without pickle: the
+    model's and the optimizer's tensors as safetensors, everything else (optimizer param groups and scalars, the
+    scheduler, python/numpy RNG, trainer_state.json) as JSON, and each process's RNG in its own pair of files.
+    Written under a temporary name, renamed, older states pruned to `keep`.
+
+    Under DeepSpeed, FSDP or Megatron (sharded states whose formats pickle) no state is written and None is
+    returned: a crash there restarts that training from its first step."""
+    if _unsupported(accelerator):
+        log.warning("no resumable training state under %s (its state format pickles); a crash restarts training",
+                    accelerator.distributed_type)
+        return None
+    from safetensors.torch import save_file, save_model
+
     root = Path(output_dir) / STATE_DIR
     tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        root.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    rng_tensors, rng_meta = _rng_state()
+    save_file(rng_tensors, tmp / STATE_RNG.format(index=accelerator.process_index))
+    write_json_atomic(tmp / STATE_RNG_META.format(index=accelerator.process_index), rng_meta)
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), str(tmp / STATE_MODEL))  # shared (tied) tensors saved once
+        tensors, meta = _split_optimizer_state(optimizer.state_dict())
+        save_file(tensors, tmp / STATE_OPTIMIZER)
+        write_json_atomic(tmp / STATE_OPTIMIZER_META, meta)
+        write_json_atomic(tmp / STATE_SCHEDULER, scheduler.state_dict())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json_atomic(tmp / TRAINER_STATE, trainer_state)
@@ -66,6 +104,97 @@ def save_training_state(accelerator, output_dir: Path, step: int, trainer_state:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_training_state(accelerator, state_dir: Path, *, model, optimizer, scheduler) -> None:
+    """Restore what save_training_state wrote: model, optimizer, scheduler and this process's RNG. A folder holding
+    a pickle-based file (e.g. accelerate's custom_checkpoint_0.pkl, optimizer.bin) is refused, never opened."""
+    from safetensors.torch import load_file, load_model
+
+    state_dir = Path(state_dir)
+    check_no_pickle(state_dir)
+    rng = state_dir / STATE_RNG.format(index=accelerator.process_index)
+    needed = [state_dir / name for name in (STATE_MODEL, STATE_OPTIMIZER, STATE_OPTIMIZER_META, STATE_SCHEDULER)]
+    missing = [p.name for p in [*needed, rng] if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{state_dir} is not a complete training state (missing {missing}); delete "
+                                f"{state_dir.parent} to restart this training from its first step")
+    load_model(accelerator.unwrap_model(model), str(state_dir / STATE_MODEL), strict=True)
+    meta = json.loads((state_dir / STATE_OPTIMIZER_META).read_text())
+    optimizer.load_state_dict(_join_optimizer_state(load_file(state_dir / STATE_OPTIMIZER), meta))
+    scheduler.load_state_dict(json.loads((state_dir / STATE_SCHEDULER).read_text()))
+    rng_meta = json.loads((state_dir / STATE_RNG_META.format(index=accelerator.process_index)).read_text())
+    _set_rng_state(load_file(rng), rng_meta)
+
+
+def check_no_pickle(folder: Path) -> None:
+    """Raise UnsafeStateError naming the pickle-based files under `folder` (any depth), before anything is read."""
+    found = sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.suffix in PICKLE_SUFFIXES)
+    if found:
+        raise UnsafeStateError(
+            f"{folder} holds pickle-based files {found}: ampo never loads pickle (it can run code). If this is a "
+            f"state written by an older ampo, delete {Path(folder).parent} to restart this training from its first "
+            f"step")
+
+
+def _unsupported(accelerator) -> bool:
+    kind = getattr(accelerator, "distributed_type", None)
+    return getattr(kind, "value", str(kind)) in UNSUPPORTED_STATE
+
+
+def _split_optimizer_state(state_dict: dict) -> tuple[dict, dict]:
+    """An optimizer state_dict as (tensors by "param/name", the JSON rest with each tensor replaced by its key)."""
+    tensors, state = {}, {}
+    for param, entries in state_dict["state"].items():
+        state[str(param)] = {}
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                key = f"{param}/{name}"
+                tensors[key] = value.detach().cpu().contiguous()
+                state[str(param)][name] = {"tensor": key}
+            else:
+                state[str(param)][name] = value
+    return tensors, {"state": state, "param_groups": state_dict["param_groups"]}
+
+
+def _join_optimizer_state(tensors: dict, meta: dict) -> dict:
+    state = {int(param): {name: tensors[value["tensor"]] if isinstance(value, dict) and "tensor" in value else value
+                          for name, value in entries.items()}
+             for param, entries in meta["state"].items()}
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in group.items()} for group in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _rng_state() -> tuple[dict, dict]:
+    import random
+
+    import numpy as np
+
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors |= {f"cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy/keys"] = torch.from_numpy(keys.astype(np.int64))
+    version, internal, gauss = random.getstate()
+    meta = {"python": [version, list(internal), gauss],
+            "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict, meta: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda/")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    n = meta["numpy"]
+    np.random.set_state((n["kind"], tensors["numpy/keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 def _state_dirs(root: Path) -> list[Path]:

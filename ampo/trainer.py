@@ -48,6 +48,7 @@ from ampo.checkpoints import (
 from ampo.config import RuntimeConfig, TrainConfig
 from ampo.logps import ForwardMode, GroupLogps, ResponseSpan, group_logps
 from ampo.losses import AmpoConfig, GroupBatch, LossConfig, LossParams, LossSpec, eos_regularizer
+from ampo.threads import restore_torch_threads
 from ampo.training_data import (
     Batch,
     ForwardOptions,
@@ -178,6 +179,7 @@ def train(policy_path: str, groups: list[Group], loss_fn: LossFn, cfg: TrainConf
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     step_fn = StepRunner(accelerator, model, optimizer, scheduler, loss_fn, kept, cfg, options, pad_id,
                          tokenizer.eos_token_id)
+    restore_torch_threads()  # a vLLM engine run earlier in this process may have changed them
     model.train()
     t_start = time.perf_counter()
     for step in range(start, len(plan)):

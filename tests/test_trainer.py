@@ -3,13 +3,15 @@ resume equivalence, gradient-accumulation equivalence, checkpoints with manifest
 
 import json
 import math
+import pickle
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from ampo.checkpoints import MANIFEST, MissingManifestError, load_checkpoint_manifest
+from ampo.checkpoints import MANIFEST, MissingManifestError, UnsafeStateError, load_checkpoint_manifest
 from ampo.config import LoraConfig, RuntimeConfig, TrainConfig
 from ampo.logps import sequence_logps
 from ampo.losses import AmpoConfig, GroupBatch, loss_config
@@ -198,12 +200,47 @@ def test_resume_after_a_crash_gives_the_same_losses(dropout_policy, tmp_path):
         train(dropout_policy, groups, loss_fn, cfg, output_dir=tmp_path / "crashed", runtime=CPU, progress=crash_at_5)
     assert sorted(p.name for p in (tmp_path / "crashed" / "state").iterdir()) == ["step-3", "step-4"]
     assert not (tmp_path / "crashed" / MANIFEST).exists()
+    # no pickle anywhere: tensors in safetensors, the rest (optimizer groups, scheduler, RNG, step) in JSON
+    assert sorted(p.name for p in (tmp_path / "crashed" / "state" / "step-4").iterdir()) == [
+        "model.safetensors", "optimizer.json", "optimizer.safetensors", "rng-0.json", "rng-0.safetensors",
+        "scheduler.json", "trainer_state.json"]
     seen = []
     resumed = train(dropout_policy, groups, loss_fn, cfg, output_dir=tmp_path / "crashed", runtime=CPU,
                     progress=lambda step, total, m: seen.append(step))
     assert seen == [5, 6]  # only the steps after the last saved state ran again
     assert resumed.losses == pytest.approx(full.losses, abs=1e-6)
     assert len({round(x, 4) for x in full.losses}) > 1
+    # the same final weights as the uninterrupted run: model, AdamW moments, LR schedule and dropout RNG restored
+    final, interrupted = (load_file(tmp_path / name / "model.safetensors") for name in ("full", "crashed"))
+    assert final.keys() == interrupted.keys()
+    assert all(torch.equal(final[k], interrupted[k]) for k in final)
+    parent = load_file(Path(dropout_policy) / "model.safetensors")
+    assert not all(torch.equal(final[k], parent[k]) for k in final)  # training moved them
+
+
+def test_resume_never_unpickles_a_planted_file(policy, tmp_path):
+    """A pickle planted in a saved state (accelerate's custom_checkpoint_0.pkl ran code on load) is refused before
+    anything in the folder is read."""
+    loss_fn = make_loss_fn(AmpoConfig())
+    marker = tmp_path / "code-ran"
+
+    class Planted:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').write('ran')",)
+
+    def crash_at_3(step, total, metrics):
+        if step == 3:
+            raise RuntimeError("stop")
+
+    out = tmp_path / "ckpt"
+    with pytest.raises(RuntimeError):
+        train(policy, make_groups(), loss_fn, tiny_cfg(save_every=1), output_dir=out, runtime=CPU,
+              progress=crash_at_3)
+    (out / "state" / "step-3" / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(Planted()))
+    with pytest.raises(UnsafeStateError, match=r"step-3 holds pickle-based files \['custom_checkpoint_0.pkl'\]: "
+                                               r"ampo never loads pickle"):
+        train(policy, make_groups(), loss_fn, tiny_cfg(save_every=1), output_dir=out, runtime=CPU)
+    assert not marker.exists()
 
 
 def test_resume_refuses_a_state_from_another_config(policy, tmp_path):
