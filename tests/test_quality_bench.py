@@ -1,0 +1,105 @@
+"""The quality benchmark's bookkeeping: round-0 pools shared by every arm, equal compute, resume, the statistics."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bench_quality", REPO / "benchmarks" / "quality.py")
+q = sys.modules["bench_quality"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(q)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quality")
+    return out, q.run("tiny", out, log=lambda _: None)
+
+
+def test_round0_pools_are_generated_once_and_shared_by_every_arm(tiny):
+    from ampo.stages.context import open_store
+
+    out, _ = tiny
+    profile = q.PROFILES["tiny"]
+    store = open_store(q.make_config(profile, out, 0, None))
+    pool = store.read_rows(q.pool_run_id(0), 0)
+    same = ["prompt_id", "sample", "prompt", "response", "reward", "n_tokens", "seed", "vector"]
+    assert pool.num_rows == 2 * 4  # 2 prompts x N=4
+    for arm in profile.arms:
+        run = q.run_id(arm, 0)
+        rows = store.read_rows(run, 0)
+        assert rows.select(same).to_pylist() == pool.select(same).to_pylist(), arm
+        assert set(rows["run"].to_pylist()) == {run} and set(rows["policy"].to_pylist()) == {f"{run}-init"}
+        assert all(i.startswith(f"{run}/0/") for i in rows["id"].to_pylist())
+        status = store.stage_status(run, 0)
+        assert all(status[s]["counts"]["shared_from"] == "pool0-s0" for s in q.SHARED_STAGES)
+    assert store.stage_status(q.pool_run_id(0), 0)["generate"]["attempts"] == 1  # generated once
+    assert "evaluate" not in store.stage_status(q.pool_run_id(0), 0)
+
+
+def test_arms_take_equal_compute_and_the_base_is_evaluated_once(tiny):
+    from ampo.stages.context import open_store
+
+    out, results = tiny
+    cells = results["cells"]
+    assert sorted(cells) == ["ampo-coreset/s0/r0", "dpo-best-worst/s0/r0"]
+    assert {c["prompts"] for c in cells.values()} == {2}
+    steps = {c["steps"] for c in cells.values()}
+    assert len(steps) == 1 and steps.pop() >= 1  # the same optimizer steps in every arm
+    assert {c["groups"] for c in cells.values()} == {2}  # min_reward_spread 0: every pool trained
+    store = open_store(q.make_config(q.PROFILES["tiny"], out, 0, None))
+    evaluated = [store.stage_status(q.run_id(a, 0), 0)["evaluate"]["counts"]["champion_cached"] for a in q.PROFILES["tiny"].arms]
+    assert evaluated == [0, 1]  # the second arm reuses the base model's answers
+    assert results["base"]["prompt_ids"] == cells["ampo-coreset/s0/r0"]["outputs"]["prompt_ids"]
+
+
+def test_outputs_are_written_and_a_second_run_resumes(tiny):
+    out, results = tiny
+    assert (out / "quality.png").is_file() and "## heldout: difference to the base model" in (out / "quality.md").read_text()
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    row = summary["ampo-coreset"]["0"]["heldout"]["mean_reward"]
+    assert row["low"] <= row["value"] <= row["high"] and "vs_base" in row and "vs_dpo" in row
+    assert "vs_dpo" not in summary["dpo-best-worst"]["0"]["heldout"]["mean_reward"]
+    again = q.run("tiny", out, log=lambda line: pytest.fail(f"a finished cell ran again: {line}"))
+    assert again["cells"] == results["cells"]
+
+
+def test_summary_against_hand_computed_differences():
+    profile = q.Profile("x", seeds=2, rounds=1, ifbench=0, heldout=4, arms=("a", q.DPO_ARM))
+    ids = [f"heldout-{i}" for i in range(4)]
+    follow = [[[True, True]], [[False, True]], [[False, False]], [[True, True]]]
+
+    def outputs(rewards):
+        return {"prompt_ids": ids, "rewards": rewards, "lengths": [1] * 4, "followed": follow}
+
+    base = outputs([0.0, 0.0, 1.0, 1.0])
+    cells = {"a/s0/r0": {"round": 0, "outputs": outputs([1.0, 0.0, 1.0, 1.0])},
+             "a/s1/r0": {"round": 0, "outputs": outputs([1.0, 1.0, 1.0, 1.0])},
+             f"{q.DPO_ARM}/s0/r0": {"round": 0, "outputs": outputs([0.0, 0.0, 1.0, 1.0])},
+             f"{q.DPO_ARM}/s1/r0": {"round": 0, "outputs": outputs([0.0, 0.0, 0.0, 1.0])}}
+    s = q.summarize({"cells": cells, "base": base}, profile)
+    a = s["a"][0]["heldout"]["mean_reward"]
+    # seed means per prompt: arm (1, .5, 1, 1) -> 0.875; base 0.5 -> +0.375; dpo (0, 0, .5, 1) = 0.375 -> +0.5
+    assert a["value"] == pytest.approx(0.875) and a["vs_base"]["value"] == pytest.approx(0.375)
+    assert a["vs_dpo"]["value"] == pytest.approx(0.5)
+    # every resample of arm - base draws from (1, .5, 0, 0): the 95% bounds stay within [0, 1]
+    assert 0.0 <= a["vs_base"]["low"] <= 0.375 <= a["vs_base"]["high"] <= 1.0
+    # prompt strict: followed is the same for everyone -> 2/4, difference 0 with a zero-width interval
+    assert s["a"][0]["heldout"]["prompt_strict"]["vs_base"] == {"value": 0.0, "low": 0.0, "high": 0.0}
+    assert s[q.BASE][-1]["heldout"]["prompt_strict"]["value"] == 0.5
+
+
+def test_stratified_ifbench_covers_every_category_first():
+    from ampo.prompts import ifbench_test_prompts
+
+    cats = {(p.instruction_id_list or ["none"])[0].split(":")[0] for p in ifbench_test_prompts()}
+    chosen = q.stratified_ifbench(len(cats))
+    assert len(chosen) == len(cats) and {p.instruction_id_list[0].split(":")[0] for p in chosen} == cats
+    assert [p.prompt_id for p in q.stratified_ifbench(5)] == [p.prompt_id for p in chosen[:5]]
+    with pytest.raises(ValueError, match="subset size 0"):
+        q.stratified_ifbench(0)
+    assert np.unique([p.prompt_id for p in q.stratified_ifbench(60)]).size == 60
