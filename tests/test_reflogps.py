@@ -4,6 +4,7 @@ trainer fed them starts at log 2 (policy = reference)."""
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,3 +131,35 @@ def test_a_pairwise_loss_trains_on_the_tokens_its_reference_saw(policy, tmp_path
                    output_dir=tmp_path / "ckpt", runtime=CPU)
     assert result.losses[0] == pytest.approx(math.log(2), abs=1e-5)
     assert result.metrics["data/truncated_responses"] == 2  # the pair, truncated as in its group
+
+
+def test_the_reflogps_stage_runs_only_for_losses_that_need_a_reference(tmp_path):
+    # smoke config (AMPO, reference-free): the stage is recorded done with its reason and computes nothing, the
+    # round trains without reference log-probs, and a resume does not run it again; DPO on the same selection
+    # computes a reference log-prob (< 0) for every selected response
+    from ampo.config import load_config
+    from ampo.stages import run_stage
+    from ampo.stages.context import open_store
+
+    smoke = Path(__file__).resolve().parents[1] / "infra" / "configs" / "smoke.yaml"
+    where = {"store.uri": str(tmp_path / "store"), "runtime.workdir": str(tmp_path / "work")}
+    cfg = load_config(smoke, where)
+    assert cfg.loss.name == "ampo"
+    for name in ("generate", "score", "embed", "select"):
+        selected = run_stage(name, cfg, "r", 0)["counts"].get("selected")
+    assert selected > 0
+    record = run_stage("reflogps", cfg, "r", 0)
+    assert record["status"] == "done" and record["counts"] == {
+        "selected": selected, "computed": 0, "skipped_reason": "loss 'ampo' takes no reference log-probs"}
+    assert open_store(cfg).stage_status("r", 0)["reflogps"]["counts"]["skipped_reason"].startswith("loss 'ampo'")
+    refs = open_store(cfg).read_rows("r", 0, ["ref_logp_sum"], selected=True)["ref_logp_sum"]
+    assert refs.null_count == len(refs) == selected
+    assert run_stage("reflogps", cfg, "r", 0)["skipped"] is True  # a resume moves on
+    trained = run_stage("train", cfg, "r", 0)["counts"]
+    assert trained["train/steps"] > 0 and math.isfinite(trained["train/loss_last"])
+
+    dpo = load_config(smoke, {**where, "loss.name": "dpo"})
+    record = run_stage("reflogps", dpo, "r", 0, force=True)
+    assert record["counts"]["computed"] == selected and "skipped_reason" not in record["counts"]
+    refs = open_store(cfg).read_rows("r", 0, ["ref_logp_sum"], selected=True)["ref_logp_sum"].to_pylist()
+    assert len(refs) == selected and all(r < 0 for r in refs)

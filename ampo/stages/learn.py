@@ -50,10 +50,18 @@ def forward_options(ctx: RoundContext):
 
 
 def reflogps(ctx: RoundContext) -> dict:
-    """Summed and length-normalised log-probs of every selected response under the reference policy."""
+    """Summed and length-normalised log-probs of every selected response under the reference policy.
+
+    Skipped for a loss that takes no reference (its registry row's `needs_ref`): the stage is recorded done with
+    nothing computed and `skipped_reason` in its counts, so resume moves on and the audit says why.
+    """
     from ampo.reflogps import compute_reference_logps
 
+    loss = ctx.cfg.loss
     rows = ctx.store.read_rows(ctx.run, ctx.round, ["id", "ref_logp_sum"], selected=True)
+    if not loss.spec.needs_ref:
+        return {"selected": rows.num_rows, "computed": 0,
+                "skipped_reason": f"loss {loss.name!r} takes no reference log-probs"}
     missing = pc.sum(pc.is_null(rows["ref_logp_sum"])).as_py() or 0
     counts = {"selected": rows.num_rows, "already_computed": rows.num_rows - missing, "computed": 0}
     if missing == 0:
@@ -79,7 +87,8 @@ def train(ctx: RoundContext) -> dict:
     if not groups:
         raise ValueError(f"run {ctx.run!r} round {ctx.round} has no selected groups to train on")
     if cfg.loss.spec.needs_ref and any(g.ref_logp_sum is None for g in groups):
-        raise ValueError(f"loss {cfg.loss.name!r} needs reference log-probs; run the reflogps stage first")
+        raise ValueError(f"loss {cfg.loss.name!r} needs reference log-probs; run the reflogps stage first (with "
+                         f"--force if it ran, and was skipped, under a reference-free loss)")
     ckpt_id = candidate_checkpoint_id(ctx.run, ctx.round)
     out = Path(cfg.runtime.workdir) / "checkpoints" / ctx.run / ckpt_id
     existing = ctx.store.get_checkpoint(ckpt_id)
@@ -87,17 +96,19 @@ def train(ctx: RoundContext) -> dict:
         raise ValueError(f"round {ctx.round} of run {ctx.run!r} was already promoted: checkpoint {ckpt_id!r} is "
                          f"{existing['status']}; training it again would replace promoted weights. Start a new "
                          f"round, or `ampo rollback` first and train in a new run")
-    spec = TrainSpec(policy_path=ctx.start["path"], groups_path=str(save_groups(ctx.dir / "groups.jsonl", groups)),
-                     output_dir=str(out), loss=cfg.loss, train=cfg.train, runtime=cfg.runtime,
-                     manifest_extra={"id": ckpt_id, "parent": ctx.start["id"], "run": ctx.run,
-                                     "round": ctx.round, "data_version": ctx.store.version},
+    spec = TrainSpec(policy_path=ctx.start["path"], output_dir=str(out), loss=cfg.loss, train=cfg.train,
+                     runtime=cfg.runtime, manifest_extra={"id": ckpt_id, "parent": ctx.start["id"], "run": ctx.run,
+                                                          "round": ctx.round, "data_version": ctx.store.version},
                      system_prompt=cfg.generation.system_prompt, forward_mode=cfg.train.forward_mode)  # fmt: skip
-    if cfg.runtime.launcher == "accelerate":
-        spec_path = write_json_atomic(ctx.dir / "train-spec.json", spec.model_dump(mode="json"))
+    if cfg.runtime.launcher == "accelerate":  # another process: the groups and the spec travel as files
+        groups_path = str(save_groups(ctx.dir / "groups.jsonl", groups))
+        spec_path = write_json_atomic(ctx.dir / "train-spec.json",
+                                      spec.model_copy(update={"groups_path": groups_path}).model_dump(mode="json"))
         subprocess.run(launch_command(spec_path, cfg.runtime), check=True)
         metrics = load_checkpoint_manifest(out)["metrics"]
-    else:
-        metrics = run_spec(spec, progress=lambda step, total, _: ctx.report("train", step, total)).metrics
+    else:  # this process: the groups are handed over in memory, nothing is written to be read back
+        metrics = run_spec(spec, progress=lambda step, total, _: ctx.report("train", step, total),
+                           groups=groups).metrics
     ctx.store.upsert_checkpoint({"id": ckpt_id, "run": ctx.run, "round": ctx.round, "path": str(out.resolve()),
                                  "parent": ctx.start["id"], "status": "candidate",
                                  "config_hash": load_checkpoint_manifest(out).get("config_hash", ""),
