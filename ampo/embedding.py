@@ -51,6 +51,9 @@ class SentenceTransformerEmbedder:
         if self._model is None:
             from sentence_transformers import SentenceTransformer  # heavy import, only when embedding
 
+            from ampo.threads import restore_torch_threads
+
+            restore_torch_threads()  # a vLLM engine run earlier in this process may have changed them
             path = resolve_model(self.cfg.model)
             log.info("loading embedding model %s on %s", path, self.device)
             self._model = SentenceTransformer(path, device=self.device, trust_remote_code=False)

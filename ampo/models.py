@@ -65,6 +65,48 @@ def quiet_loading() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def check_safetensors(folder: str | Path) -> None:
+    """Raise ValueError naming the first `*.safetensors` file in `folder` whose size is not what its header
+    describes (a truncated copy, an interrupted save). Reads only the headers; a hub name (no folder) passes."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for file in sorted(folder.glob("*.safetensors")):
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+            problem = f"{size} bytes, shorter than its header" if n < 0 or 8 + n > size else None
+            if problem is None:
+                try:
+                    header = json.loads(f.read(n))
+                    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                except (ValueError, KeyError, TypeError, IndexError):
+                    problem = "its header is not valid safetensors JSON"
+                else:
+                    if 8 + n + end != size:
+                        problem = f"{size} bytes where its header describes {8 + n + end}"
+        if problem is not None:
+            raise ValueError(f"{file}: truncated or corrupt safetensors file ({problem})")
+
+
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # weight formats that unpickle when loaded
+
+
+def require_safetensors(model_path: str | Path) -> None:
+    """Refuse a local policy folder that has no `*.safetensors` weights (e.g. only pytorch_model.bin): policies
+    load from safetensors only, since loading a pickle-based file runs whatever code it names. A hub name (not a
+    folder) passes here; the loaders themselves are told the same (transformers `use_safetensors=True`, vLLM
+    `load_format="safetensors"`), so a folder holding both formats loads its safetensors."""
+    folder = Path(model_path)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    found = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_WEIGHTS)
+    raise ValueError(
+        f"{folder}: no *.safetensors weights" + (f" (found {found})" if found else "") + "; ampo loads policies "
+        "from safetensors only (a pickle-based file can run code when loaded). Convert it once where you trust "
+        "it: AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder, safe_serialization=True)")
+
+
 def is_complete(path: str | Path) -> bool:
     """True if `path` is a model folder whose build finished (its manifest exists)."""
     return (Path(path) / COMPLETE).is_file()

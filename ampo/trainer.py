@@ -334,10 +334,11 @@ def load_policy(policy_path: str, cfg: TrainConfig, runtime: RuntimeConfig):
     """The policy in fp32 master weights, with gradient checkpointing and a LoRA adapter when configured."""
     from transformers import AutoModelForCausalLM
 
-    from ampo.models import check_safetensors
+    from ampo.models import check_safetensors, require_safetensors
 
     check_safetensors(policy_path)  # a truncated file: one error naming it
-    model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32,
+    require_safetensors(policy_path)  # never a pickle-based .bin
+    model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32, use_safetensors=True,
                                                  trust_remote_code=runtime.trust_remote_code)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -472,12 +473,13 @@ def result_from_checkpoint(path: Path) -> TrainResult:
 
 
 class TrainSpec(BaseModel):
-    """Everything `python -m ampo.trainer --spec spec.json` needs; the groups travel in a JSON-lines file."""
+    """Everything `python -m ampo.trainer --spec spec.json` needs; the groups travel in a JSON-lines file (or, in
+    this process, straight to `run_spec(spec, groups=...)`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     policy_path: str
-    groups_path: str  # written by ampo.training_data.save_groups
+    groups_path: str | None = None  # written by ampo.training_data.save_groups; None: run_spec is handed them
     output_dir: str
     loss: LossConfig = AmpoConfig()
     train: TrainConfig = TrainConfig()
@@ -488,10 +490,14 @@ class TrainSpec(BaseModel):
     forward_mode: ForwardMode = "padded"
 
 
-def run_spec(spec: TrainSpec, progress: Callable[[int, int, dict], None] | None = None) -> TrainResult:
-    """Train as a spec says, in this process."""
+def run_spec(spec: TrainSpec, progress: Callable[[int, int, dict], None] | None = None, *,
+             groups: list[Group] | None = None) -> TrainResult:
+    """Train as a spec says, in this process, on `groups` when given, else on the groups file of the spec."""
+    if groups is None and spec.groups_path is None:
+        raise ValueError("run_spec needs the groups: pass groups=... or a spec with groups_path")
     options = ForwardOptions(spec.system_prompt, spec.response_span, spec.forward_mode)
-    return train(spec.policy_path, load_groups(spec.groups_path), make_loss_fn(spec.loss), spec.train,
+    groups = load_groups(spec.groups_path) if groups is None else groups
+    return train(spec.policy_path, groups, make_loss_fn(spec.loss), spec.train,
                  output_dir=Path(spec.output_dir), runtime=spec.runtime, manifest_extra=dict(spec.manifest_extra),
                  options=options, progress=progress)
 

@@ -70,12 +70,17 @@ def hf_sampler(tiny):
 
 @pytest.fixture(scope="module")
 def vllm_runs(tiny):
-    """(sampling generator, greedy results): the greedy engine runs first and is closed, then the sampler starts."""
+    """(sampling generator, greedy results, threads): the greedy engine runs first and is closed, then the sampler
+    starts. threads: (torch threads before the first engine, while it ran, after close, whether the real
+    torch.set_num_threads was back after close)."""
     pytest.importorskip("vllm")
+    before = torch.get_num_threads()
     with make_generator(tiny, config("vllm", 0.0), CPU) as greedy:
         greedy_samples = greedy.generate(PROMPTS, n=2, seeds=SEEDS)
+        during = torch.get_num_threads()
+    threads = (before, during, torch.get_num_threads(), torch.set_num_threads is torch._C.set_num_threads)
     with make_generator(tiny, config("vllm", 1.0), CPU) as gen:  # starts only if close() released the first
-        yield gen, greedy_samples
+        yield gen, greedy_samples, threads
 
 
 @pytest.fixture(scope="module", params=["transformers", "vllm"])
@@ -253,3 +258,84 @@ def test_vllm_engine_args_by_device():
     assert (gpu["dtype"], gpu["enforce_eager"], gpu["gpu_memory_utilization"]) == ("bfloat16", False, 0.5)
     assert "enable_chunked_prefill" not in gpu and gpu["tensor_parallel_size"] == 2
     assert cpu["trust_remote_code"] is False and cpu["logprobs_mode"] == "raw_logprobs"
+
+
+# ----------------------------------------------------------------------------- threads (ampo.threads)
+
+
+def test_vllm_engine_computes_with_every_core_and_gives_threads_back(vllm_runs):
+    from ampo.threads import usable_cpus
+
+    before, during, after, real_set_num_threads = vllm_runs[2]
+    assert during == usable_cpus()  # not the 1 thread vLLM asks for "for serving"
+    assert after == before and real_set_num_threads  # vLLM's no-op torch.set_num_threads is gone after close
+
+
+def fake_vllm_patch(monkeypatch) -> None:
+    """What vLLM's CPU worker does in-process: torch.set_num_threads becomes a function that does nothing."""
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+
+
+def test_restore_torch_threads_undoes_the_engine_patch(monkeypatch):
+    from ampo import threads
+
+    monkeypatch.setattr(threads, "_state", {})
+    original = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert threads.remember_torch_threads() == 2
+        torch.set_num_threads(1)  # the engine lowered it ...
+        fake_vllm_patch(monkeypatch)  # ... and left set_num_threads a no-op
+        torch.set_num_threads(2)
+        assert torch.get_num_threads() == 1
+        assert threads.restore_torch_threads() == 2  # raised back to the count before the engine
+        assert torch.set_num_threads is torch._C.set_num_threads
+        torch.set_num_threads(1)  # a lower count set by the user afterwards is kept
+        assert threads.restore_torch_threads() == 1
+        assert threads.restore_torch_threads(2) == 2  # an explicit count is set as given
+    finally:
+        torch._C.set_num_threads(original)
+
+
+def test_restore_torch_threads_without_an_engine_changes_nothing(monkeypatch):
+    from ampo import threads
+
+    monkeypatch.setattr(threads, "_state", {})
+    original = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert threads.restore_torch_threads() == 1
+    finally:
+        torch.set_num_threads(original)
+
+
+def test_engine_threads_sets_the_count_and_omp_num_threads_only_inside(monkeypatch):
+    from ampo import threads
+
+    monkeypatch.setattr(threads, "_state", {})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
+    original = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        fake_vllm_patch(monkeypatch)  # left by an earlier engine: engine_threads must still be able to set the count
+        with threads.engine_threads() as count:
+            # vLLM keeps torch's count for serving when OMP_NUM_THREADS is set (set_torch_threads_for_runtime)
+            assert (count, torch.get_num_threads(), os.environ["OMP_NUM_THREADS"]) == (2, 2, "2")
+        assert "OMP_NUM_THREADS" not in os.environ
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's choice wins and is left as it was
+        with threads.engine_threads() as count:
+            assert (count, torch.get_num_threads()) == (1, 1)
+        assert os.environ["OMP_NUM_THREADS"] == "1"
+    finally:
+        torch._C.set_num_threads(original)
+
+
+@pytest.mark.parametrize(("text", "expected"), [("max 100000\n", None), ("150000 100000\n", 1),
+                                                ("400000 100000", 4), ("50000 100000", 1), ("", None)])
+def test_cgroup_cpu_quota(tmp_path, text, expected):
+    from ampo.threads import _cgroup_cpu_quota
+
+    (tmp_path / "cpu.max").write_text(text)
+    assert _cgroup_cpu_quota(tmp_path / "cpu.max") == expected
+    assert _cgroup_cpu_quota(tmp_path / "missing") is None

@@ -206,3 +206,70 @@ def test_smollm2_answers_with_vllm(smollm2):
     assert answer.finish_reason == "stop" and math.isfinite(answer.logp_mean) and answer.logp_mean <= 0
     retokenized = gen.tokenizer(answer.text, add_special_tokens=False)["input_ids"]
     assert answer.n_tokens == len(retokenized) + 1  # the text's tokens plus the EOS that ended it
+
+
+# ---------------------------------------------------------------- safetensors only
+
+
+class _Planted:
+    """Unpickling this writes a marker file: what a planted pytorch_model.bin could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+@pytest.fixture
+def bin_only(tiny, tmp_path) -> Path:
+    """The tiny Llama with its weights as a pickle-based pytorch_model.bin and no safetensors."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "bin-only"
+    shutil.copytree(tiny, folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    return folder
+
+
+def test_a_bin_only_policy_is_refused_by_every_loader(bin_only, tiny):
+    from ampo.config import GenerationConfig, RuntimeConfig, TrainConfig
+    from ampo.generation.hf import HFGenerator
+    from ampo.generation.vllm_backend import VLLMGenerator, engine_args
+    from ampo.reflogps import compute_reference_logps
+    from ampo.trainer import load_policy
+
+    message = rf"^{bin_only}: no \*\.safetensors weights \(found \['pytorch_model.bin'\]\); ampo loads policies " \
+              r"from safetensors only"
+    runtime = RuntimeConfig(device="cpu")
+    with pytest.raises(ValueError, match=message):
+        models.require_safetensors(bin_only)
+    with pytest.raises(ValueError, match=message):
+        load_policy(str(bin_only), TrainConfig(), runtime)  # training start
+    with pytest.raises(ValueError, match=message):
+        compute_reference_logps(str(bin_only), [("Say hi.", "hi")], TrainConfig(), runtime)  # reflogps
+    with pytest.raises(ValueError, match=message):
+        HFGenerator(str(bin_only), GenerationConfig(backend="transformers"), runtime)  # generate, evaluate
+    with pytest.raises(ValueError, match=message):
+        VLLMGenerator(str(bin_only), GenerationConfig(), runtime)  # refused before the engine starts
+    assert engine_args(GenerationConfig(), runtime, "cpu", None)["load_format"] == "safetensors"  # hub names too
+    models.require_safetensors(tiny)  # a safetensors folder passes
+    models.require_safetensors("HuggingFaceTB/SmolLM2-135M-Instruct")  # a hub name: the loaders enforce it
+
+
+def test_a_planted_bin_next_to_safetensors_is_never_unpickled(tiny, tmp_path):
+    import shutil
+
+    from ampo.config import RuntimeConfig, TrainConfig
+    from ampo.trainer import load_policy
+
+    folder, marker = tmp_path / "both", tmp_path / "code-ran"
+    shutil.copytree(tiny, folder)
+    torch.save({"model.embed_tokens.weight": _Planted(marker)}, folder / "pytorch_model.bin")
+    model = load_policy(str(folder), TrainConfig(), RuntimeConfig(device="cpu"))
+    assert not marker.exists()  # transformers was told use_safetensors=True: it read model.safetensors only
+    reference = load_policy(str(tiny), TrainConfig(), RuntimeConfig(device="cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))

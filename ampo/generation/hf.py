@@ -30,7 +30,8 @@ from ampo.generation import (
     resolve_device,
     resolve_dtype,
 )
-from ampo.models import quiet_loading
+from ampo.models import check_safetensors, quiet_loading, require_safetensors
+from ampo.threads import restore_torch_threads
 
 
 class SeededSampler(LogitsProcessor):
@@ -74,8 +75,11 @@ class HFGenerator(Generator):
     def __init__(self, model_path: str, cfg: GenerationConfig, runtime: RuntimeConfig):
         self.cfg = cfg
         self.device = resolve_device(runtime.device)
+        restore_torch_threads()  # a vLLM engine run earlier in this process may have changed them
         dtype = getattr(torch, resolve_dtype(cfg.dtype, self.device))
         trust = runtime.trust_remote_code
+        require_safetensors(model_path)  # never a pickle-based .bin
+        check_safetensors(model_path)  # a truncated file: one error naming it
         with quiet_loading():
             self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust)
             model = AutoModelForCausalLM.from_pretrained(

@@ -5,10 +5,15 @@ own torch.Generator; child j of an n-sample request uses seed + j). On CPU, vLLM
 `Generator.set_offset` whenever it discards a token sampled at the end of a partial (chunked) prefill, which the
 CPU generator does not support ("CPU Generator does not use offset"): on CPU the engine therefore runs with
 chunked prefill off, so every prefill fits one step. On GPU the default scheduler is kept.
+
+Threads on CPU (see `ampo.threads`): the engine computes with every usable core (or OMP_NUM_THREADS when set), and
+closing it gives the process back the real `torch.set_num_threads` and its earlier thread count, which vLLM's CPU
+worker would otherwise leave replaced by a no-op for the rest of the process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 
@@ -22,6 +27,7 @@ from ampo.generation import (
     resolve_device,
     resolve_dtype,
 )
+from ampo.threads import engine_threads, remember_torch_threads, restore_torch_threads
 
 CPU_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in this process (no __main__ guard needed)
@@ -41,17 +47,24 @@ class VLLMGenerator(Generator):
         runtime: RuntimeConfig,
         *,
         max_model_len: int | None = None,
+        manage_threads: bool = True,
     ):
+        """manage_threads=False leaves the engine's thread count to vLLM (the benchmark's baseline arm)."""
+        from ampo.models import check_safetensors, require_safetensors
+
+        require_safetensors(model_path)  # never a pickle-based .bin (vLLM would load one under "auto")
         self.cfg = cfg
         self.device = resolve_device(runtime.device)
         if self.device == "cpu":
             for key, value in CPU_ENV.items():
                 os.environ.setdefault(key, value)  # read by vllm at import time
-        import torch
         from vllm import LLM
 
-        self._torch_threads = torch.get_num_threads()  # the CPU engine lowers it for serving; close() restores it
-        self.llm = LLM(model=model_path, **engine_args(cfg, runtime, self.device, max_model_len))
+        self._torch_threads = remember_torch_threads()  # close() restores it (the CPU engine changes it)
+        check_safetensors(model_path)  # a truncated file: one error naming it
+        manage = manage_threads and self.device == "cpu"
+        with engine_threads() if manage else contextlib.nullcontext():
+            self.llm = LLM(model=model_path, **engine_args(cfg, runtime, self.device, max_model_len))
         self.tokenizer = self.llm.get_tokenizer()
 
     def generate(
@@ -98,9 +111,7 @@ class VLLMGenerator(Generator):
         self.llm = None
         gc.collect()
         cleanup_dist_env_and_memory()
-        import torch
-
-        torch.set_num_threads(self._torch_threads)  # later stages in this process (ref log-probs, training) use all cores
+        restore_torch_threads(self._torch_threads)  # later stages here (ref log-probs, training) use all cores
 
 
 def engine_args(
@@ -115,6 +126,7 @@ def engine_args(
         "enforce_eager": cfg.enforce_eager or device == "cpu",
         "max_model_len": max_model_len,
         "logprobs_mode": "raw_logprobs",
+        "load_format": "safetensors",  # never pickle-based weights, for a hub name too
     }
     if device == "cpu":
         args["enable_chunked_prefill"] = False
