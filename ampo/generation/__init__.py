@@ -79,6 +79,26 @@ def render_prompt(tokenizer, prompt: str, system_prompt: str | None) -> list[int
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def prompts_over_context(model_path: str, prompts: list[str], cfg: GenerationConfig,
+                         runtime: RuntimeConfig) -> tuple[int | None, dict[int, int]]:  # fmt: skip
+    """(context, {i: token count}) of the prompts whose chat-templated tokens plus cfg.max_new_tokens exceed the context
+    (vLLM: cfg.max_model_len when set; else the model config's max_position_embeddings; no limit without either).
+    Loads the tokenizer and the config only, so it runs before any model is loaded or any sampling starts."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ampo.models import quiet_loading
+
+    trust = runtime.trust_remote_code
+    with quiet_loading():
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust)
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust)
+    context = (cfg.max_model_len if cfg.backend == "vllm" else None) or getattr(config, "max_position_embeddings", None)
+    if context is None:
+        return None, {}
+    lengths = {i: len(render_prompt(tokenizer, p, cfg.system_prompt)) for i, p in enumerate(prompts)}
+    return context, {i: n for i, n in lengths.items() if n + cfg.max_new_tokens > context}
+
+
 def resolve_device(device: str) -> str:
     """The device for "auto": "cuda" when a CUDA device is visible, else "cpu"."""
     if device != "auto":

@@ -13,6 +13,10 @@ from ampo.config import RewardComponent, RuntimeConfig
 from ampo.prompts import Prompt
 
 
+class RewardFunctionError(RuntimeError):
+    """A user's reward function raised; the message names the function and its exception."""
+
+
 class PythonReward:
     """Calls `function(prompts, responses)`; checks it returns one real number per response. Returns (n,) float64."""
 
@@ -34,7 +38,10 @@ class PythonReward:
         pass
 
     def __call__(self, prompts: list[Prompt], responses: list[str]) -> np.ndarray:
-        values = list(self.fn(prompts, responses))
+        try:
+            values = list(self.fn(prompts, responses))
+        except Exception as exc:  # the user's code: name it and what it raised (the traceback stays chained)
+            raise RewardFunctionError(f"python reward {self.spec!r} raised {type(exc).__name__}: {exc}") from exc
         if len(values) != len(responses):
             raise ValueError(f"python reward {self.spec!r} returned {len(values)} values for {len(responses)} responses")
         for i, v in enumerate(values):
