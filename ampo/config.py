@@ -124,9 +124,17 @@ class PotentialPrefilter(_Frozen):
     logp_weight: float = Field(1.0, ge=0.0, allow_inf_nan=False)  # 1: metric "rm-logp"; other w: "rm-xlogp"
 
 
+def _method_required_unless_default(schema: dict, model: type) -> None:
+    """JSON schema of a method's config: `method` required except for DEFAULT_METHOD's, so that a mapping without
+    it matches exactly one branch of the union's oneOf, as in Python (Prefect's server validates by the schema)."""
+    if model.model_fields["method"].default != DEFAULT_METHOD:
+        schema["required"] = [*schema.get("required", []), "method"]
+
+
 class SelectionBase(_Frozen):
     """What every selection method shares; each method adds `method` and its options (ampo.selection.REGISTRY)."""
 
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=_method_required_unless_default)
     k: int = Field(7, ge=1)  # negatives per prompt: AMPO stores 1 positive + 7 negatives (spec 3.1)
     seed: int = 0
     # pools whose reward spread (max - min) is below this are skipped and counted; a spread equal to it is kept;

@@ -106,3 +106,20 @@ def test_batched_errors_name_the_prompt_id():
         select_batch("top_bottom", rewards[:2], emb[:2], 1, m=3)
     with pytest.raises(ValueError, match=r"prompt_ids must name each of the 3 prompts; got 2 ids"):
         select_batch("bottomk", rewards, emb, 2, prompt_ids=ids[:2])
+
+
+def test_the_json_schema_accepts_and_refuses_what_python_does():
+    # Prefect's server validates deployment parameters by RunConfig's JSON schema, where the union is a oneOf:
+    # a mapping without `method` must match exactly one branch (coreset's), as Python validation defaults it
+    import jsonschema
+
+    schema = RunConfig.model_json_schema()
+    for selection in ({"k": 3}, {"k": 3, "n_init": 2}, {"method": "optselect", "points": "candidates"},
+                      {"method": "bottomk"}):  # fmt: skip
+        jsonschema.validate({"policy": "x", "selection": selection}, schema)
+        run_config(selection)
+    for selection in ({"method": "coreset", "solver": "exact"}, {"k": 3, "m": 2}, {"method": "foo"}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({"policy": "x", "selection": selection}, schema)
+        with pytest.raises(ValidationError):
+            run_config(selection)
