@@ -226,7 +226,8 @@ def serve(
         raise ValueError("--cron needs a Prefect server: the temporary one runs no schedules. Start one on loopback "
                          "(prefect server start --host 127.0.0.1) and export "
                          "PREFECT_API_URL=http://127.0.0.1:4200/api, then serve again")
-    self_play_round.serve(name=name, parameters={"config": cfg.model_dump(mode="json"), "run_id": run}, cron=cron)
+    self_play_round.serve(name=name, parameters={"config": cfg.model_dump(mode="json"), "run_id": run, "plots": True},
+                          cron=cron)
 
 
 @audit_app.command("pool")

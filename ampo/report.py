@@ -90,6 +90,44 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+EXCERPT_CHARS = 80  # characters of a prompt or response shown in the per-prompt selection table
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """One line of at most `limit` characters: whitespace runs (newlines included) become one space, control
+    characters are dropped, and a cut text ends with an ellipsis."""
+    line = " ".join("".join(c for c in text if c.isprintable() or c.isspace()).split())
+    return line if len(line) <= limit else line[: limit - 1].rstrip() + "\u2026"
+
+
+def selection_rows(prompt_offsets: np.ndarray, prompt_ids: np.ndarray, prompts: np.ndarray, responses: np.ndarray,
+                   rewards: np.ndarray, roles: np.ndarray, limit: int = EXCERPT_CHARS) -> list[dict]:
+    """One row per prompt that has a selected group: its pool size and reward range, the chosen response's reward
+    and excerpt, the rejected rewards (best first) and the excerpt of the lowest-rewarded rejected one.
+    Arrays as in selection_stats, plus prompt_ids, prompts and responses (R,) of str."""
+    rows = []
+    for p in range(len(prompt_offsets) - 1):
+        lo, hi = int(prompt_offsets[p]), int(prompt_offsets[p + 1])
+        role = roles[lo:hi]
+        chosen = np.flatnonzero(role == "chosen")
+        if len(chosen) == 0:
+            continue
+        c = lo + int(chosen[0])
+        rejected = lo + np.flatnonzero(role == "rejected")
+        rejected = rejected[np.argsort(-rewards[rejected], kind="stable")]
+        rows.append({
+            "prompt_id": str(prompt_ids[lo]),
+            "prompt": excerpt(str(prompts[lo]), limit),
+            "pool": hi - lo,
+            "pool_reward_range": f"{rewards[lo:hi].min():.3g} .. {rewards[lo:hi].max():.3g}",
+            "chosen_reward": round(float(rewards[c]), 4),
+            "chosen": excerpt(str(responses[c]), limit),
+            "rejected_rewards": ", ".join(f"{r:.3g}" for r in rewards[rejected]),
+            "worst_rejected": excerpt(str(responses[rejected[-1]]), limit) if len(rejected) else "",
+        })
+    return rows
+
+
 def plot_reward_distribution(pool_rewards: np.ndarray, selected_rewards: np.ndarray, path: Path) -> Path:
     """Histogram of the rewards of the whole pool against the selected responses."""
     fig = _figure(6, 3.5)

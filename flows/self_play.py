@@ -17,10 +17,13 @@ from tasks.stages import STAGE_TASKS, report
 
 
 @flow(name="self-play-round", log_prints=True, validate_parameters=True)
-def self_play_round(config: RunConfig, run_id: RunId, round: int | None = None, wait_s: float = 0.0) -> dict:
+def self_play_round(config: RunConfig, run_id: RunId, round: int | None = None, wait_s: float = 0.0,
+                    plots: bool = False) -> dict:  # fmt: skip
     """Run (or resume) one round: generate, score, embed, select, reflogps, train, evaluate, promote.
 
     Finished stages are skipped, so re-running after a crash finishes the rest. `round=None` takes the next one.
+    `plots=True` also draws the report's plots and shows them in the round's artifacts (about 0.4 s a round; the
+    deployments of infra/prefect.yaml and `ampo serve` ask for them).
     """
     validate_run_id(run_id)
     if round is not None:
@@ -30,16 +33,18 @@ def self_play_round(config: RunConfig, run_id: RunId, round: int | None = None, 
         stages.check_round_order(config, run_id, round_)  # before any stage: round r needs round r-1 complete
         for name in stages.STAGES:
             STAGE_TASKS[name](config, run_id, round_)
-        files = report(config, run_id, round_)
+        files = report(config, run_id, round_, plots)
+        stages.mark_reported(config, run_id, round_)  # last: until then the next run resumes this round
     return {"run": run_id, "round": round_, **stages.round_outcome(config, run_id, round_), "report": files}
 
 
 @flow(name="self-play", log_prints=True, validate_parameters=True)
-def self_play(config: RunConfig, run_id: RunId, rounds: int = 1, wait_s: float = 0.0) -> list[dict]:
+def self_play(config: RunConfig, run_id: RunId, rounds: int = 1, wait_s: float = 0.0,
+              plots: bool = False) -> list[dict]:  # fmt: skip
     """Run `rounds` more rounds of `run_id`, each starting from the current champion."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    return [self_play_round(config, run_id, None, wait_s) for _ in range(rounds)]
+    return [self_play_round(config, run_id, None, wait_s, plots) for _ in range(rounds)]
 
 
 @contextmanager

@@ -1,6 +1,10 @@
 """One thin Prefect task per round stage: call one ampo function, return a small reference (counts, ids)."""
 
-from __future__ import annotations
+import base64
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -24,19 +28,20 @@ def _stage_task(name: str):
         cache_policy=NO_CACHE,
     )
     def run(config: RunConfig, run_id: str, round_: int) -> dict:
-        from ampo.progress import terminal_progress
+        from ampo.progress import stage_progress
 
-        progress = terminal_progress()  # bars on long stages when the flow runs from a terminal
+        logger = get_run_logger()
+        progress = stage_progress(logger)  # lines in the flow run's log; bars too when run from a terminal
         try:
-            record = stages.run_stage_isolated(name, config, run_id, round_, progress=progress)
+            with ampo_logs_in_run_log(logger):  # the trainer's step and loss lines, as they come
+                record = stages.run_stage_isolated(name, config, run_id, round_, progress=progress)
         finally:
-            if progress is not None:
-                progress.close()
+            progress.close()
         if record["skipped"]:
-            get_run_logger().info("%s r%d: skipped, finished before in %.1fs %s", name, round_, record["seconds"],
+            logger.info("%s r%d: skipped, finished before in %.1fs %s", name, round_, record["seconds"],
                                   record["counts"])  # fmt: skip
         else:
-            get_run_logger().info("%s r%d: %s in %.1fs %s", name, round_, record["status"], record["seconds"],
+            logger.info("%s r%d: %s in %.1fs %s", name, round_, record["status"], record["seconds"],
                                   record["counts"])  # fmt: skip
         return record
 
@@ -49,14 +54,82 @@ generate, score, embed, select, reflogps, train, evaluate, promote = (STAGE_TASK
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def report(config: RunConfig, run_id: str, round_: int) -> dict:
-    """Write the round's report files and publish them as Prefect artifacts; return the file paths."""
+def report(config: RunConfig, run_id: str, round_: int, plots: bool = False) -> dict:
+    """Write the round's report files and publish them as Prefect artifacts: the summary, the selection statistics,
+    the evaluation metrics, one row per selected prompt and (with `plots`) the plots inline; return the file paths."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    files = stages.write_round_report(config, run_id, round_)
-    key = f"{run_id}-r{round_}".lower().replace("_", "-").replace(".", "-")
+    files = stages.write_round_report(config, run_id, round_, plots=plots)
+    key = artifact_key(run_id, round_)
     create_markdown_artifact(files["markdown_text"], key=f"{key}-summary", description="round summary")
     create_table_artifact(files["selection_table"], key=f"{key}-selection", description="selection statistics")
-    images = "\n".join(f"![{p.rsplit('/', 1)[-1]}]({p})" for p in files["plots"])
-    create_markdown_artifact(f"Plots written to disk:\n\n{images}\n", key=f"{key}-plots", description="round plots")
-    return {k: v for k, v in files.items() if k != "markdown_text"}
+    if files["selection_rows"]:
+        create_table_artifact(files["selection_rows"], key=f"{key}-groups",
+                              description="selected group per prompt: chosen and rejected rewards, excerpts")
+    if files["evaluation"]:
+        create_table_artifact(metric_rows(files["evaluation"]), key=f"{key}-evaluation",
+                              description="evaluation metrics: champion vs candidate")
+    if files["plots"]:
+        create_markdown_artifact(plots_markdown(files["plots"]), key=f"{key}-plots", description="round plots")
+    return {k: v for k, v in files.items() if k in ("markdown", "plots")}
+
+
+def artifact_key(run_id: str, round_: int) -> str:
+    """Artifact keys allow lowercase letters, digits and dashes."""
+    return f"{run_id}-r{round_}".lower().replace("_", "-").replace(".", "-")
+
+
+def plots_markdown(paths: list[str]) -> str:
+    """The PNGs inline as data URIs (the UI cannot read the worker's disk), each under its file name and path."""
+    parts = []
+    for path in map(Path, paths):
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        parts.append(f"### {path.stem}\n\n![{path.stem}](data:image/png;base64,{data})\n\n`{path}`\n")
+    return "\n".join(parts)
+
+
+def metric_rows(metrics: dict, prefix: str = "") -> list[dict]:
+    """{"champion": {"mean_reward": {"value": 0.4}}} -> [{"metric": "champion.mean_reward.value", "value": 0.4}];
+    lists of numbers are joined with ', '."""
+    rows = []
+    for name, value in metrics.items():
+        if isinstance(value, dict):
+            rows += metric_rows(value, f"{prefix}{name}.")
+        elif isinstance(value, list | tuple):
+            rows.append({"metric": f"{prefix}{name}", "value": ", ".join(map(str, value))})
+        else:
+            rows.append({"metric": f"{prefix}{name}", "value": value})
+    return rows
+
+
+class _ToRunLog(logging.Handler):
+    def __init__(self, run_logger):
+        super().__init__(logging.INFO)
+        self.run_logger = run_logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.run_logger.log(record.levelno, "%s", record.getMessage())
+
+
+@contextmanager
+def ampo_logs_in_run_log(run_logger) -> Iterator[None]:
+    """ampo's INFO lines (the trainer logs each step's loss) go to this flow run's log while a stage runs.
+
+    Prefect gives the `ampo` logger its API handler when PREFECT_LOGGING_EXTRA_LOGGERS names it, but leaves its
+    level at the root's WARNING, so INFO lines were dropped; without that setting a handler here forwards them.
+    """
+    from prefect.logging.handlers import APILogHandler
+
+    ampo_log = logging.getLogger("ampo")
+    level = ampo_log.level
+    forward = None if any(isinstance(h, APILogHandler) for h in ampo_log.handlers) else _ToRunLog(run_logger)
+    if forward is not None:
+        ampo_log.addHandler(forward)
+    if ampo_log.getEffectiveLevel() > logging.INFO:
+        ampo_log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        ampo_log.setLevel(level)
+        if forward is not None:
+            ampo_log.removeHandler(forward)

@@ -53,3 +53,81 @@ def test_plots_write_png(tmp_path):
     ]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_excerpt_is_one_line_and_cut_with_an_ellipsis():
+    assert report.excerpt("a\n\n b\tc\x00d", 80) == "a b cd"  # whitespace runs -> one space, control chars dropped
+    assert report.excerpt("x" * 10, 10) == "x" * 10
+    assert report.excerpt("abcd efgh", 6) == "abcd\u2026"  # 5 characters kept, trailing space stripped, then "…"
+    assert report.excerpt("<img src=x onerror=alert(1)> | pipe", 80) == "<img src=x onerror=alert(1)> | pipe"
+
+
+def test_selection_rows_by_hand():
+    # prompt a: rows 0-3, rewards .9 (chosen) .1 (rejected) .5 (rejected) .3 (unselected); prompt b: no group
+    offsets = np.array([0, 4, 6])
+    ids = np.array(["a"] * 4 + ["b"] * 2, dtype=object)
+    prompts = np.array(["Say\nhi"] * 4 + ["other"] * 2, dtype=object)
+    responses = np.array(["best", "worst", "middle", "unused", "u", "v"], dtype=object)
+    rewards = np.array([0.9, 0.1, 0.5, 0.3, 0.2, 0.2])
+    roles = np.array(["chosen", "rejected", "rejected", "", "", ""], dtype=object)
+    (row,) = report.selection_rows(offsets, ids, prompts, responses, rewards, roles)
+    assert row == {"prompt_id": "a", "prompt": "Say hi", "pool": 4, "pool_reward_range": "0.1 .. 0.9",
+                   "chosen_reward": 0.9, "chosen": "best",
+                   "rejected_rewards": "0.5, 0.1",  # best first
+                   "worst_rejected": "worst"}
+
+
+class ListLogger:
+    def __init__(self):
+        self.lines = []
+
+    def info(self, fmt, *args):
+        self.lines.append(fmt % args)
+
+
+def test_log_progress_lines_per_tenth_throttled_and_the_last():
+    from ampo.progress import LogProgress
+
+    now = [0.0]
+    log = ListLogger()
+    progress = LogProgress(log, every=0.1, min_interval_s=5.0, clock=lambda: now[0])
+    for done in range(0, 101):  # one unit per second: 0..100 of 100
+        now[0] = float(done)
+        progress("train", done, 100)
+    progress("train", 100, 100)  # repeated end: not logged again
+    # first call at 0; then a new tenth at 10, 20, ... (each >= 5 s after the last line); the end once
+    assert log.lines == [f"train: {d}/100 ({d}%)" for d in range(0, 101, 10)]
+    log.lines.clear()
+    now[0] = 0.0
+    fast = LogProgress(log, every=0.1, min_interval_s=5.0, clock=lambda: now[0])
+    for done in range(0, 101):  # all at once: only the first and the last line
+        fast("generate", done, 100)
+    assert log.lines == ["generate: 0/100 (0%)", "generate: 100/100 (100%)"]
+
+
+def test_plots_artifact_embeds_each_png_as_a_data_uri(tmp_path):
+    """Failed before: the artifact linked the PNGs by disk path, which the Prefect UI cannot load."""
+    import base64
+    import re
+
+    from tasks.stages import plots_markdown
+
+    rng = np.random.default_rng(2)
+    paths = [str(report.plot_reward_distribution(rng.normal(size=30), rng.normal(size=6), tmp_path / "rewards.png")),
+             str(report.plot_rounds([{"round": 0, "champion_reward": 0.1, "candidate_reward": 0.2, "win_rate": 0.5}],
+                                    tmp_path / "rounds.png"))]
+    md = plots_markdown(paths)
+    images = re.findall(r"!\[(\w+)\]\(([^)]*)\)", md)
+    assert [name for name, _ in images] == ["rewards", "rounds"]
+    for (_, target), path in zip(images, paths):
+        assert target.startswith("data:image/png;base64,")
+        assert base64.b64decode(target.removeprefix("data:image/png;base64,")) == open(path, "rb").read()
+
+
+def test_metric_rows_flatten_nested_metrics():
+    from tasks.stages import metric_rows
+
+    metrics = {"n_prompts": 6, "win_rate": {"value": 0.5, "lower": 0.25}, "bounds": [0.1, 0.2]}
+    assert metric_rows(metrics) == [{"metric": "n_prompts", "value": 6}, {"metric": "win_rate.value", "value": 0.5},
+                                    {"metric": "win_rate.lower", "value": 0.25},
+                                    {"metric": "bounds", "value": "0.1, 0.2"}]

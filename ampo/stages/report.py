@@ -7,18 +7,32 @@ import numpy as np
 from ampo import report
 from ampo.config import RunConfig
 from ampo.gates import history_row
-from ampo.stages.context import open_store, round_dir
+from ampo.stages.context import open_store, round_dir, write_json_atomic
 
 MAP_PROMPTS = 4  # prompts drawn in the 2-D embedding map
+REPORTED = "reported.json"  # in the report folder, written after the report's files and artifacts
 
 
-def write_round_report(cfg: RunConfig, run: str, round_: int) -> dict:
-    """Write summary.md, selection.json-like rows and PNG plots for (run, round); return paths and texts."""
+def mark_reported(cfg: RunConfig, run: str, round_: int) -> None:
+    """Record that the round's report is written and published: the last step of a round (see next_round)."""
+    from ampo.schema import utcnow
+
+    write_json_atomic(round_dir(cfg, run, round_) / "report" / REPORTED,
+                      {"run": run, "round": round_, "reported_at": utcnow().isoformat()})  # fmt: skip
+
+
+def is_reported(cfg: RunConfig, run: str, round_: int) -> bool:
+    return (round_dir(cfg, run, round_) / "report" / REPORTED).is_file()
+
+
+def write_round_report(cfg: RunConfig, run: str, round_: int, *, plots: bool = True) -> dict:
+    """Write summary.md and (with `plots`) the PNG plots for (run, round); return their paths, the summary text,
+    the selection statistics, one row per selected prompt (report.selection_rows) and the evaluation metrics."""
     store = open_store(cfg)
     out = round_dir(cfg, run, round_) / "report"
     out.mkdir(parents=True, exist_ok=True)
     stages = store.stage_status(run, round_)
-    rows = store.read_rows(run, round_, ["prompt_id", "reward", "role", "vector"])
+    rows = store.read_rows(run, round_, ["prompt_id", "prompt", "response", "reward", "role", "vector"])
     scored = rows.filter(rows["reward"].is_valid())
     prompt_ids = np.asarray(scored["prompt_id"].to_pylist(), dtype=object)
     rewards = scored["reward"].to_numpy(zero_copy_only=False).astype(float)
@@ -28,6 +42,14 @@ def write_round_report(cfg: RunConfig, run: str, round_: int) -> dict:
     decision = (stages.get("promote") or {}).get("gate")
     markdown = report.markdown_summary(run, round_, stages, stats, decision)
     (out / "summary.md").write_text(markdown)
+    table = [{"statistic": k, "value": v} for k, v in stats.items()]
+    per_prompt = report.selection_rows(offsets, prompt_ids, np.asarray(scored["prompt"].to_pylist(), dtype=object),
+                                       np.asarray(scored["response"].to_pylist(), dtype=object), rewards, roles)
+    result = {"markdown": str(out / "summary.md"), "markdown_text": markdown, "selection_table": table,
+              "selection_rows": per_prompt, "evaluation": (stages.get("evaluate") or {}).get("metrics") or {},
+              "plots": []}
+    if not plots:
+        return result
     plots = [report.plot_reward_distribution(rewards, rewards[roles != ""], out / "rewards.png")]
     if len(scored) and scored["vector"].null_count == 0:
         first = np.isin(prompt_ids, np.unique(prompt_ids)[:MAP_PROMPTS])
@@ -37,9 +59,7 @@ def write_round_report(cfg: RunConfig, run: str, round_: int) -> dict:
     history = rounds_history(cfg, run)
     if history:
         plots.append(report.plot_rounds(history, out / "rounds.png"))
-    table = [{"statistic": k, "value": v} for k, v in stats.items()]
-    return {"markdown": str(out / "summary.md"), "markdown_text": markdown, "selection_table": table,
-            "plots": [str(p) for p in plots]}
+    return {**result, "plots": [str(p) for p in plots]}
 
 
 def rounds_history(cfg: RunConfig, run: str) -> list[dict]:
