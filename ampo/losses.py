@@ -164,6 +164,7 @@ class LossParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    name: str  # each loss narrows it to its own Literal: the union's discriminator and the LOSSES key
     eos_lambda: float = Field(0.0, ge=0.0)  # REFA EOS regulariser weight (eq. 7, spec 2.5), added by the trainer; 0 = off
 
     @property
