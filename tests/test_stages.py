@@ -50,6 +50,10 @@ def test_a_round_fills_the_store_and_the_registry(finished_round):
     assert len(champions) == 1
     assert records["promote"]["gate"]["passed"] == (champions[0]["id"] == "r-r0")
     assert "r-r0" in store.candidates.tags.list()
+    assert next_round(cfg, "r") == 0  # promoted, but complete only once its report is written
+    from ampo.stages import mark_reported
+
+    mark_reported(cfg, "r", 0)
     assert next_round(cfg, "r") == 1
     report = Path(cfg.runtime.workdir) / "runs" / "r" / "round-0"
     assert (report / "start.json").is_file() and (report / "eval-candidate.json").is_file()

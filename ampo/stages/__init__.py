@@ -23,7 +23,7 @@ from ampo.stages.context import Progress, RoundContext, open_store, round_dir, r
 from ampo.stages.data import embed, generate, score, select
 from ampo.stages.gate import StageResult, evaluate, promote
 from ampo.stages.learn import reflogps, train
-from ampo.stages.report import round_outcome, write_round_report
+from ampo.stages.report import is_reported, mark_reported, round_outcome, write_round_report
 
 STAGE_FUNCTIONS: dict[str, Callable[[RoundContext], dict | StageResult]] = {
     "generate": generate,
@@ -39,7 +39,7 @@ assert tuple(STAGE_FUNCTIONS) == STAGES, "the stage table and the schema's stage
 ISOLATED_STAGES = frozenset({"generate", "score", "embed", "reflogps", "train", "evaluate"})  # load models
 
 __all__ = ["STAGES", "STAGE_FUNCTIONS", "StageProcessError", "StageResult", "check_round_order", "is_transient",
-           "next_round", "round_dir", "round_outcome", "run_stage", "run_stage_isolated",
+           "mark_reported", "next_round", "round_dir", "round_outcome", "run_stage", "run_stage_isolated",
            "write_round_report"]  # fmt: skip
 
 
@@ -111,7 +111,10 @@ def check_stage_round(round_: int) -> int:
 
 
 def next_round(cfg: RunConfig, run: str) -> int:
-    """The round to run now: an unfinished round if there is one, else the one after the last finished round."""
+    """The round to run now: an unfinished round if there is one, else the one after the last finished round.
+
+    A round is finished once its promote stage is done and its report is written (mark_reported, the flow's last
+    step): a kill between the two resumes the same round, whose stages are all skipped, and writes the report."""
     validate_run_id(run)
     store = open_store(cfg)
     rows = [r for r in store.stage_records(run) if r["round"] >= 0]  # a store written before rounds < 0 were refused
@@ -119,7 +122,7 @@ def next_round(cfg: RunConfig, run: str) -> int:
         return 0
     last = max(r["round"] for r in rows)
     promoted = any(r["round"] == last and r["stage"] == "promote" and r["status"] == "done" for r in rows)
-    return last + 1 if promoted else last
+    return last + 1 if promoted and is_reported(cfg, run, last) else last
 
 
 def check_round_order(cfg: RunConfig, run: str, round_: int) -> None:
