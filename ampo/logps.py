@@ -5,6 +5,7 @@ Conventions follow spec 1.1 (SimPO / TRL): prompt tokens are labelled -100, labe
 length-normalised log-prob that sum divided by the number of response tokens.
 """
 
+import inspect
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from torch import Tensor
 
 IGNORE_INDEX = -100
 ResponseSpan = Literal["generation", "assistant_turn"]
-ForwardMode = Literal["padded", "prefix_shared"]
+ForwardMode = Literal["padded", "packed", "prefix_shared"]
 
 
 # ----------------------------------------------------------------------------- tokenisation
@@ -247,8 +248,94 @@ def _prefix_shared_forward(model, examples: Sequence[Example], pad_token_id: int
     return _from_aligned(aligned, responses, response_attention.bool(), eos_token_id)
 
 
+PACKED_ATTENTION = "ampo_packed"  # SDPA, and causal SDPA per sequence when called with `ampo_segments`
+
+
+def _packed_sdpa(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, dropout: float = 0.0,
+                 scaling: float | None = None, *, ampo_segments: tuple[tuple[int, int], ...] | None = None, **kwargs):
+    """transformers' SDPA attention, except with `ampo_segments` (the packed forward): causal attention within each
+    (start, stop) segment of the one packed row, one SDPA call per sequence, no L x L mask. query (1, H, L, D),
+    key/value (1, H_kv, L, D) -> output (1, L, H, D). The segments travel in the model's keyword arguments, so a
+    gradient-checkpointing recompute sees them too."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if ampo_segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    kwargs.pop("is_causal", None)
+    outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, dropout=dropout,
+                                   scaling=scaling, is_causal=True, **kwargs)[0] for a, b in ampo_segments]
+    return torch.cat(outs, dim=1), None
+
+
+def _use_packed_sdpa(model) -> bool:
+    """Switch an SDPA model (unwrapped from DDP/DeepSpeed and PEFT) to `PACKED_ATTENTION` (registered on first use;
+    SDPA's mask; plain SDPA without segments, so other forwards of the model are unchanged). False for any other
+    attention implementation: transformers then detects the packed row from the restarting position ids itself
+    (flash attention: variable-length kernels; eager: a block-diagonal mask)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if PACKED_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(PACKED_ATTENTION, _packed_sdpa)
+        AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+    config = _unwrap(model).config
+    if config._attn_implementation == "sdpa":
+        config._attn_implementation = PACKED_ATTENTION  # not saved: config.json never holds it
+    return config._attn_implementation == PACKED_ATTENTION
+
+
+def _unwrap(model):
+    """The transformers model inside DDP/DeepSpeed (.module) and PEFT (.get_base_model()) wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
+
+
+def _packed_forward(model, examples: Sequence[Example], pad_token_id: int, eos_token_id: int | None) -> GroupLogps:
+    """All sequences concatenated into one row (no padding), positions restarting at 0 per sequence, attention
+    within each sequence (`_packed_sdpa`, or transformers' own packed-sequence support); logits only at the positions
+    that predict response tokens (`logits_to_keep`, when the model takes it)."""
+    device = next(model.parameters()).device
+    lengths = [len(e.input_ids) for e in examples]
+    starts = list(itertools.accumulate(lengths, initial=0))  # (N + 1,)
+    ids = torch.tensor([t for e in examples for t in e.input_ids], dtype=torch.long, device=device)  # (L,)
+    positions = torch.cat([torch.arange(n, device=device) for n in lengths])  # (L,)
+    # aligned: logits at row position t predict token t + 1 of the same sequence; a sequence's first token is a
+    # prompt token (-100), so no position predicts across a sequence boundary
+    labels = torch.tensor([t for e in examples for t in e.labels], dtype=torch.long, device=device)  # (L,)
+    keep = (labels[1:] != IGNORE_INDEX).nonzero().squeeze(1)  # (K,) positions predicting response tokens
+    segment = torch.repeat_interleave(torch.arange(len(examples), device=device),
+                                      torch.tensor(lengths, device=device))[keep]  # (K,) sequence of each
+    kwargs = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
+    if _use_packed_sdpa(model):  # an all-ones mask: SDPA's mask function then builds no L x L mask
+        kwargs |= {"ampo_segments": tuple(itertools.pairwise(starts)), "attention_mask": torch.ones_like(ids[None])}
+    logits = model(input_ids=ids[None], position_ids=positions[None], use_cache=False, **kwargs).logits[0]
+    if "logits_to_keep" not in kwargs:  # (L, V) -> (K, V)
+        logits = logits[keep]
+    targets = ids[keep + 1]  # (K,)
+    token_logps = _token_logps(logits[None], targets[None])[0]  # (K,)
+    n_tokens = torch.zeros(len(examples), dtype=torch.long, device=device).index_add_(0, segment,
+                                                                                      torch.ones_like(segment))
+    if bool((n_tokens == 0).any()):
+        raise ValueError(f"sequences {(n_tokens == 0).nonzero().flatten().tolist()} have no response tokens")
+    total = torch.zeros(len(examples), dtype=token_logps.dtype, device=device).index_add_(0, segment, token_logps)
+    eos_probs = None
+    if eos_token_id is not None:
+        last = torch.zeros(len(examples), dtype=torch.long, device=device).scatter_reduce_(
+            0, segment, torch.arange(len(keep), device=device), reduce="amax")  # (N,) last kept index per sequence
+        last_logits = logits[last].float()  # (N, V)
+        eos_probs = (last_logits[:, eos_token_id] - torch.logsumexp(last_logits, dim=-1)).exp()
+    return GroupLogps(total, total / n_tokens, n_tokens, eos_probs)
+
+
 FORWARDS: dict[str, Callable[..., GroupLogps]] = {
     "padded": _padded_forward,
+    "packed": _packed_forward,
     "prefix_shared": _prefix_shared_forward,
 }
 
@@ -258,6 +345,9 @@ def group_logps(model, examples: Sequence[Example], *, pad_token_id: int, forwar
     """Response log-probs of many sequences (several groups' responses) in one batched forward. Returns (N,) each.
 
     "padded": every prompt+response right-padded into one batch (equals a per-sequence forward).
+    "packed": every prompt+response concatenated into one row without padding, positions restarting per sequence
+    and attention kept within each (equals "padded" up to float rounding); logits only where a response token is
+    predicted.
     "prefix_shared": a group's prompt is computed once and its KV cache reused by its K responses; examples of
     one group must be consecutive and share prompt ids (as `build_group` makes them). Differentiable; wrap
     in torch.no_grad() for reference log-probs. With `eos_token_id`, also P(EOS) at each last response position.

@@ -1,5 +1,6 @@
 """Sequence log-probs: against a naive per-token loop and hand values; chat-template tokenisation (prompt masked
-exactly, truncation counted); batched group forwards equal per-sequence forwards; prefix sharing equals padding."""
+exactly, truncation counted); batched group forwards equal per-sequence forwards; prefix sharing and packing equal
+padding."""
 
 import math
 
@@ -208,9 +209,78 @@ def test_prefix_shared_gradients_equal_padded(model, tokenizer, examples):
     model.zero_grad()
 
 
+def test_packed_forward_equals_padded(model, tokenizer, examples):
+    """One row, no padding, positions restarting per sequence: the same log-probs as the padded batch (which equals
+    per-sequence forwards above), so no attention crosses a sequence boundary."""
+    kw = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    padded = group_logps(model, examples, **kw)
+    packed = group_logps(model, examples, forward_mode="packed", **kw)
+    for a, b in zip(padded, packed):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    one = group_logps(model, examples[2:3], forward_mode="packed", **kw)  # a single sequence
+    torch.testing.assert_close(one.sum, padded.sum[2:3], atol=1e-5, rtol=1e-5)
+    # the model now runs the packed SDPA, which is plain SDPA for the other forwards
+    assert model.config._attn_implementation == "ampo_packed"
+    for a, b in zip(padded, group_logps(model, examples, **kw)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    for a, b in zip(padded, group_logps(model, examples, forward_mode="prefix_shared", **kw)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_packed_forward_with_eager_attention_equals_padded(model, tokenizer, examples):
+    """Another attention implementation: transformers' own packed-sequence detection (a block-diagonal mask)."""
+    kw = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    padded = group_logps(model, examples, **kw)
+    before = model.config._attn_implementation
+    model.config._attn_implementation = "eager"
+    try:
+        packed = group_logps(model, examples, forward_mode="packed", **kw)
+        assert model.config._attn_implementation == "eager"
+    finally:
+        model.config._attn_implementation = before
+    for a, b in zip(padded, packed):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_forward_without_logits_to_keep_equals_padded(model, tokenizer, examples, monkeypatch):
+    """A model whose forward takes no logits_to_keep: the packed forward keeps the response positions itself."""
+    from ampo import logps
+
+    monkeypatch.setattr(logps, "_accepts_logits_to_keep", lambda model: False)
+    kw = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    for a, b in zip(group_logps(model, examples, **kw), group_logps(model, examples, forward_mode="packed", **kw)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_gradients_equal_padded(model, tokenizer, examples):
+    def grads(mode):
+        model.zero_grad()
+        group_logps(model, examples, pad_token_id=tokenizer.pad_token_id, forward_mode=mode).mean.sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for a, b in zip(grads("padded"), grads("packed")):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    model.zero_grad()
+
+
+def test_packed_forward_under_gradient_checkpointing(model, tokenizer, examples):
+    kw = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    expected = group_logps(model, examples, **kw)
+    model.gradient_checkpointing_enable()
+    model.train()  # dropout is 0 in the fixture's config
+    try:
+        out = group_logps(model, examples, forward_mode="packed", **kw)
+        out.mean.sum().backward()
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()
+        model.zero_grad()
+    torch.testing.assert_close(out.sum.detach(), expected.sum, atol=1e-5, rtol=1e-5)
+
+
 def test_group_logps_bad_mode(model, tokenizer, examples):
-    with pytest.raises(ValueError, match="unknown forward_mode 'packed'; choose from"):
-        group_logps(model, examples, pad_token_id=tokenizer.pad_token_id, forward_mode="packed")
+    with pytest.raises(ValueError, match="unknown forward_mode 'bogus'; choose from"):
+        group_logps(model, examples, pad_token_id=tokenizer.pad_token_id, forward_mode="bogus")
 
 
 def test_prefix_sharing_refuses_gradient_checkpointing(model, tokenizer, examples):
