@@ -276,9 +276,8 @@ class AmpoConfig(LossParams):
     alpha_inside_beta: bool = False  # appendix form β(lp + α·d) (spec A3)
 
 
-def ampo_loss(policy_logps: Tensor, rewards: Tensor, chosen_mask: Tensor, *, beta: float = 10.0,
-              gamma: float = 3.0, alpha: float = 0.0, valid_mask: Tensor | None = None,
-              alpha_inside_beta: bool = False) -> Tensor:
+def ampo_loss(policy_logps: Tensor, rewards: Tensor, chosen_mask: Tensor, *, beta: float, gamma: float,
+              alpha: float = 0.0, valid_mask: Tensor | None = None, alpha_inside_beta: bool = False) -> Tensor:
     """AMPO = reference-free REFA-1-vs-k (REFA eq. 6/18, spec 3.4). Inputs (B, M): length-normalised. Returns (B,).
 
     s = β·lp + α(r - r_bar) (REFA §4.2), or β(lp + α(r - r_bar)) with `alpha_inside_beta` (REFA eq. 22/30, A3);

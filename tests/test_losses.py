@@ -29,6 +29,7 @@ from ampo.losses import (
 )
 
 T = torch.tensor
+AMPO = {"beta": 10.0, "gamma": 3.0}  # AmpoConfig's defaults (REFA Table 4)
 
 
 def close(a, b, tol=1e-4):
@@ -71,7 +72,8 @@ def test_ampo_hand_value_gamma_3():
     loss = ampo_loss(T([[-1.0, -1.1, -1.2]]), T([[0.9, 0.1, 0.0]]), T([[True, False, False]]), beta=10.0, gamma=3.0)
     close(loss, [0.92014])
     # gamma = 1 removes the negative-set weight: log(1 + 0.503215) = 0.40761 (the MPO value above, shifted by -11)
-    close(ampo_loss(T([[-1.0, -1.1, -1.2]]), T([[0.9, 0.1, 0.0]]), T([[True, False, False]]), gamma=1.0), [0.40761])
+    close(ampo_loss(T([[-1.0, -1.1, -1.2]]), T([[0.9, 0.1, 0.0]]), T([[True, False, False]]), beta=10.0, gamma=1.0),
+          [0.40761])
 
 
 def test_ampo_alpha_placement():
@@ -151,7 +153,7 @@ def test_dominant_positives_keep_full_relative_precision():
     # AMPO, gamma=3, beta=10 on length-normalised log-probs [-1, -2, -3] (member 0 chosen):
     # softplus(log 3 + LSE(-20, -30) - (-10)) = log(1 + 3 (e^-10 + e^-20)) = 1.36200e-4
     exact = math.log1p(3 * (math.exp(-10.0) + math.exp(-20.0)))
-    got = ampo_loss(T([[-1.0, -2.0, -3.0]]), T([[3.0, 2.0, 1.0]]), T([[True, False, False]]))
+    got = ampo_loss(T([[-1.0, -2.0, -3.0]]), T([[3.0, 2.0, 1.0]]), T([[True, False, False]]), **AMPO)
     assert abs(got.item() - exact) / exact < 1e-6
 
 
@@ -161,8 +163,8 @@ def test_float64_stays_float64_and_passes_gradcheck():
     r = torch.randn(3, 4, dtype=torch.float64)
     chosen = T([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0]]).bool()
     valid = T([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]]).bool()
-    assert ampo_loss(x, r, chosen).dtype == torch.float64
-    assert torch.autograd.gradcheck(lambda p: ampo_loss(p, r, chosen, alpha=0.5, valid_mask=valid), (x,))
+    assert ampo_loss(x, r, chosen, **AMPO).dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda p: ampo_loss(p, r, chosen, **AMPO, alpha=0.5, valid_mask=valid), (x,))
     assert torch.autograd.gradcheck(
         lambda p: mpo_loss(p, torch.zeros_like(p), r, chosen, beta=0.5, alpha=0.3, weight_mode="signed",
                            valid_mask=valid), (x,))  # fmt: skip
@@ -213,8 +215,8 @@ def test_ampo_and_infonca_shift_invariance():
     torch.manual_seed(4)
     lp, rewards = torch.randn(3, 5) - 2, torch.randn(3, 5)
     chosen = best_member_mask(rewards)
-    base = ampo_loss(lp, rewards, chosen, alpha=1.0)
-    close(ampo_loss(lp - 7.0, rewards + 3.0, chosen, alpha=1.0), base, tol=1e-4)
+    base = ampo_loss(lp, rewards, chosen, **AMPO, alpha=1.0)
+    close(ampo_loss(lp - 7.0, rewards + 3.0, chosen, **AMPO, alpha=1.0), base, tol=1e-4)
     ref = torch.randn(3, 5)
     base = infonca_loss(lp, ref, rewards, beta=2.0, alpha=0.5)
     close(infonca_loss(lp + 9.0, ref, rewards - 2.0, beta=2.0, alpha=0.5), base, tol=1e-5)
@@ -226,7 +228,7 @@ def test_skipped_groups_give_zero_loss_and_gradient(name):
     lp = torch.randn(3, 3, requires_grad=True)
     chosen = T([[True, False, False], [False, False, False], [True, True, True]])
     loss = (mpo_loss(lp, torch.zeros(3, 3), torch.zeros(3, 3), chosen, beta=1.0) if name == "mpo"
-            else ampo_loss(lp, torch.zeros(3, 3), chosen))
+            else ampo_loss(lp, torch.zeros(3, 3), chosen, **AMPO))
     loss.sum().backward()
     assert group_is_trainable(chosen).tolist() == [True, False, False]
     assert loss[0] > 0 and loss[1:].tolist() == [0.0, 0.0]
@@ -244,7 +246,7 @@ def test_garbage_invalid_members_change_nothing(name):
         fns = {
             "mpo": lambda: mpo_loss(lp, ref, rewards, chosen, beta=2.0, alpha=0.5, weight_mode="abs",
                                     valid_mask=valid),
-            "ampo": lambda: ampo_loss(lp, rewards, chosen, alpha=0.5, valid_mask=valid),
+            "ampo": lambda: ampo_loss(lp, rewards, chosen, **AMPO, alpha=0.5, valid_mask=valid),
             "infonca": lambda: infonca_loss(lp, ref, rewards, valid, beta=2.0),
         }
         loss = fns[name]()
@@ -265,9 +267,9 @@ def test_bf16_inputs_are_computed_in_fp32():
     torch.manual_seed(6)
     lp, rewards = (torch.randn(4, 8) - 1).bfloat16(), torch.randn(4, 8).bfloat16()
     chosen = best_member_mask(rewards)
-    out = ampo_loss(lp, rewards, chosen, alpha=1.0)
+    out = ampo_loss(lp, rewards, chosen, **AMPO, alpha=1.0)
     assert out.dtype == torch.float32
-    close(out, ampo_loss(lp.float(), rewards.float(), chosen, alpha=1.0), tol=1e-6)  # same rounded inputs
+    close(out, ampo_loss(lp.float(), rewards.float(), chosen, **AMPO, alpha=1.0), tol=1e-6)  # same rounded inputs
     policy, ref = (torch.randn(4, 8) * 30 - 300).bfloat16(), (torch.randn(4, 8) * 30 - 300).bfloat16()
     close(mpo_loss(policy, ref, rewards, chosen, beta=0.1),
           mpo_loss(policy.float(), ref.float(), rewards.float(), chosen, beta=0.1), tol=1e-6)
@@ -277,7 +279,7 @@ def test_large_beta_and_logps_stay_finite():
     # lp_bar = [-500, -500.1, -500.2], beta = 100: s differences [0, -10, -20];
     # L = log(1 + 3 (e^-10 + e^-20)) = 1.36197e-4 (raw exp(-50000) would be 0/0)
     lp = T([[-500.0, -500.1, -500.2]], requires_grad=True)
-    loss = ampo_loss(lp, T([[1.0, 0, 0]]), T([[True, False, False]]), beta=100.0)
+    loss = ampo_loss(lp, T([[1.0, 0, 0]]), T([[True, False, False]]), beta=100.0, gamma=3.0)
     loss.sum().backward()
     close(loss, [1.36197e-4], tol=2e-3)
     assert torch.isfinite(lp.grad).all()
@@ -312,7 +314,7 @@ def test_registry_entries_and_adapters():
     mean = batch.policy_logps_mean
     close(group_loss("simpo", batch, beta=2.0, gamma_beta_ratio=0.5),
           simpo_loss(T([mean[0, 1], mean[1, 0]]), T([mean[0, 0], mean[1, 1]]), beta=2.0, gamma_beta_ratio=0.5))
-    close(group_loss("ampo", batch), ampo_loss(mean, batch.rewards, batch.chosen_mask))
+    close(group_loss("ampo", batch, **AMPO), ampo_loss(mean, batch.rewards, batch.chosen_mask, **AMPO))
 
 
 def test_registry_rows_say_what_the_trainer_needs():
@@ -383,7 +385,7 @@ def test_registry_errors_and_trainable_groups():
 def test_bad_hyperparameters_raise():
     lp, r, c = torch.zeros(1, 2), T([[1.0, 0]]), T([[True, False]])
     with pytest.raises(ValueError, match="gamma=0.0 must be > 0"):
-        ampo_loss(lp, r, c, gamma=0.0)
+        ampo_loss(lp, r, c, beta=10.0, gamma=0.0)
     with pytest.raises(ValueError, match="beta=-1.0 must be > 0"):
         mpo_loss(lp, lp, r, c, beta=-1.0)
     with pytest.raises(ValueError, match="unknown weight_mode 'sqrt'"):
@@ -397,7 +399,7 @@ def test_bad_hyperparameters_raise():
 def test_mismatched_shapes_are_refused_not_broadcast():
     lp, r = torch.zeros(2, 3), torch.zeros(2, 3)
     with pytest.raises(ValueError, match=r"inputs must all have one shape \(B, M\); got .*'chosen_mask': \(3,\)"):
-        ampo_loss(lp, r, T([True, False, False]))  # (M,) would broadcast over the batch
+        ampo_loss(lp, r, T([True, False, False]), **AMPO)  # (M,) would broadcast over the batch
     with pytest.raises(ValueError, match=r"valid_mask has shape \(3,\); it must match \(2, 3\)"):
         mpo_loss(lp, lp, r, lp.bool(), beta=0.1, valid_mask=T([True, True, False]))
     with pytest.raises(ValueError, match=r"one shape \(B,\)"):
