@@ -2,6 +2,8 @@
 invariances, skipped groups, variable group sizes, dtypes and extreme magnitudes (spec section 6)."""
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -406,3 +408,11 @@ def test_mismatched_shapes_are_refused_not_broadcast():
         dpo_loss(torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(1), beta=0.1)
     with pytest.raises(ValueError, match=r"one shape \(B, M\)"):
         infonca_loss(lp, lp[:, :2], r, beta=0.1)
+
+
+def test_reading_a_run_config_does_not_import_torch():
+    # the loss configs live in ampo/losses.py, which imports torch on first use: the CLI and the flows read
+    # configs without paying torch's import
+    code = ("import sys\nfrom ampo.config import RunConfig\nRunConfig(policy='p', loss={'name': 'dpo'})\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
