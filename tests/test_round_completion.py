@@ -60,6 +60,31 @@ def test_generate_counts_are_totals_over_a_failed_attempt_and_its_resume(tmp_pat
     assert counts["responses"] == len(rows) == 4 * n and counts["finished_by_length"] == by_length  # all attempts
 
 
+def test_score_counts_are_totals_over_a_failed_attempt_and_its_resume(tmp_path, monkeypatch):
+    import ampo.stages.data
+
+    (tmp_path / "ampo_test_flaky.py").write_text(
+        "import math\nCALLS = [0]\nFAIL_ON = [2]\n"
+        "def score(prompts, responses):\n"
+        "    CALLS[0] += 1\n"
+        "    if CALLS[0] == FAIL_ON[0]:\n"
+        "        raise RuntimeError('killed mid-stage')\n"
+        "    return [math.nan if len(r) % 2 else float(len(r)) for r in responses]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = smoke_config(tmp_path, **{"prompts.per_round": 2, "reward.on_nonfinite": "drop",
+                                    "reward.components": [{"kind": "python", "function": "ampo_test_flaky:score"}]})
+    monkeypatch.setattr(ampo.stages.data, "SCORE_BATCH", 4)  # 12 responses: 3 chunks, the attempt dies in the 2nd
+    run_stage("generate", cfg, "s", 0)
+    with pytest.raises(Exception, match="killed mid-stage"):
+        run_stage("score", cfg, "s", 0)
+    counts = run_stage("score", cfg, "s", 0)["counts"]
+    rows = open_store(cfg).read_rows("s", 0, ["response", "reward", "dropped_reason"])
+    odd = sum(len(r) % 2 for r in rows["response"].to_pylist())  # dropped: the reward is NaN for odd lengths
+    assert counts["already_scored"] == 4  # the first attempt's first chunk
+    assert counts["dropped"] == odd == rows.num_rows - rows["dropped_reason"].null_count
+    assert counts["scored"] == 12 - odd == rows.num_rows - rows["reward"].null_count
+
+
 @pytest.fixture(scope="module")
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness

@@ -117,13 +117,16 @@ def score(ctx: RoundContext) -> dict:
 
     The prompt of each response (text, instruction ids and kwargs) is read from its row. Rows written before the
     store kept instructions (instruction_kwargs null) take their prompt from the config's prompt source instead,
-    matched by id, and are counted in `prompts_from_config`.
+    matched by id, and are counted in `prompts_from_config`. `scored` and `dropped` count the round's responses
+    over every attempt; the reward components' own counts ("{column}/...") count this attempt's responses.
     """
     from ampo.rewards import RewardStack
 
     rows = ctx.store.read_rows(ctx.run, ctx.round, SCORE_COLUMNS)
     pending = rows.filter(pc.and_(pc.is_null(rows["reward"]), pc.is_null(rows["dropped_reason"])))
-    counts = {"scored": 0, "dropped": 0, "already_scored": rows.num_rows - pending.num_rows}
+    counts = {"scored": rows.num_rows - rows["reward"].null_count,  # totals: earlier attempts' plus this one's
+              "dropped": rows.num_rows - rows["dropped_reason"].null_count,
+              "already_scored": rows.num_rows - pending.num_rows}  # fmt: skip
     if pending.num_rows == 0:
         return counts
     legacy = pending["instruction_kwargs"].null_count
