@@ -8,8 +8,11 @@ Measures, each against a baseline timed in the same run:
   `table.add` of the same rows; a re-run of the same batches (all matched, nothing inserted); update_candidates of
   one column for the whole round (the score stage);
 - reads: read_pools over the whole round vs `table.to_pandas()` + per-prompt Python grouping (arrays compared equal);
-- search: filtered neighbour search (k=10, one round) latency, vs numpy brute force over the round's vectors.
-Prints a markdown table.
+- search: filtered neighbour search (k=10, one round) latency, vs numpy brute force over the round's vectors;
+- audit queries (count, prompt_pool, selected_groups, neighbours_of_row, a one-prompt update_candidates, read_rows)
+  on the store as written, after `optimize` compaction alone, and after `optimize` with the id/run/round indexes
+  (what the end of a round does once the store holds INDEX_MIN_ROWS rows); the first is the baseline.
+Prints markdown tables.
 """
 
 from __future__ import annotations
@@ -99,9 +102,36 @@ def bench_writes(root: Path, rows: pa.Table, batch_rows: int, dim: int) -> dict[
     assert store.count(RUN, 0) == rows.num_rows, "re-running batches duplicated rows"
     ids = rows["id"]
     t_update, _ = timed(store.update_candidates, ids, n_tokens=np.arange(rows.num_rows))
-    t_optimize, created = timed(store.optimize)
-    return {"bulk": t_bulk, "merge": t_merge, "batches": len(batches), "rerun": t_rerun / len(rerun), "update": t_update,
-            "optimize": t_optimize, "indexes": ",".join(created) or "none"}  # fmt: skip
+    return {"bulk": t_bulk, "merge": t_merge, "batches": len(batches), "rerun": t_rerun / len(rerun),
+            "update": t_update}  # fmt: skip
+
+
+def select_some(store: Store, prompts: int, n: int) -> None:
+    """A selection like coreset k=3 writes: 1 chosen + 3 rejected per prompt (the first 4 samples)."""
+    ids = [f"{RUN}/0/p{i:06d}/{s}" for i in range(prompts) for s in range(min(4, n))]
+    roles = ["chosen" if k % min(4, n) == 0 else "rejected" for k in range(len(ids))]
+    store.set_selection(RUN, 0, ids, roles, selector="bench")
+
+
+AUDIT_QUERIES = ("count", "prompt_pool", "selected_groups", "neighbours_of_row", "update one prompt", "read_rows")
+
+
+def bench_audit(store: Store, prompts: int, n: int, repeats: int = 10) -> dict[str, float]:
+    """Seconds per audit query (median of `repeats`, or the single whole-round reads), on the store as it is now."""
+    rng = np.random.default_rng(2)
+    picks = [f"p{i:06d}" for i in rng.integers(0, prompts, repeats)]
+    out = {"count": statistics.median(timed(store.count, RUN, 0)[0] for _ in range(repeats))}
+    out["prompt_pool"] = statistics.median(timed(store.prompt_pool, RUN, 0, p)[0] for p in picks)
+    t_groups, groups = timed(store.selected_groups, RUN, 0)
+    assert len(groups) == prompts, f"selected_groups found {len(groups)} of {prompts} prompts"
+    out["selected_groups"] = t_groups
+    out["neighbours_of_row"] = statistics.median(timed(store.neighbours_of_row, f"{RUN}/0/{p}/1", 10)[0]
+                                                 for p in picks)  # fmt: skip
+    updates = [[f"{RUN}/0/{p}/{s}" for s in range(n)] for p in picks]
+    out["update one prompt"] = statistics.median(timed(store.update_candidates, ids, n_tokens=np.arange(n))[0]
+                                                 for ids in updates)  # fmt: skip
+    out["read_rows"] = timed(store.read_rows, RUN, 0, ["id", "reward", "role"])[0]
+    return out
 
 
 def bench_reads(root: Path, dim: int) -> dict[str, float]:
@@ -144,6 +174,14 @@ def main() -> None:
     rows = make_rows(args.prompts, args.n, args.dim)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         w = bench_writes(Path(tmp), rows, args.batch_prompts * args.n, args.dim)
+        store = Store(str(Path(tmp) / "store"), dim=args.dim)
+        select_some(store, args.prompts, args.n)
+        audit = {"as written (baseline)": bench_audit(store, args.prompts, args.n)}
+        t_compact, _ = timed(store.optimize, index_min_rows=2**62)  # compaction only
+        audit["after optimize: compaction only"] = bench_audit(store, args.prompts, args.n)
+        t_index, created = timed(store.optimize, index_min_rows=1)  # + the id / run / round indexes
+        audit[f"after optimize: indexes on {', '.join(created) or 'none (existed)'}"] = bench_audit(
+            store, args.prompts, args.n)
         r = bench_reads(Path(tmp), args.dim)
     n = rows.num_rows
     print(f"\n{args.prompts} prompts x {args.n} responses x {args.dim}-d = {n:,} rows\n")
@@ -156,7 +194,8 @@ def main() -> None:
         f"| re-run of a batch (all rows matched) | {per:.2f} s/batch | {args.batch_prompts * args.n / per:,.0f} | |"
     )
     print(f"| `update_candidates` one column, whole round | {w['update']:.2f} s | {n / w['update']:,.0f} | |")
-    print(f"| `optimize()` (compact; indexes: {w['indexes']}) | {w['optimize']:.2f} s | | |")
+    print(f"| `optimize()` compaction only | {t_compact:.2f} s | | |")
+    print(f"| `optimize()` indexes ({', '.join(created) or 'none'}) | {t_index:.2f} s | | |")
     print(
         f"| naive `to_pandas` + per-prompt grouping (baseline) | {r['naive']:.2f} s | {n / r['naive']:,.0f} | 1.0x |"
     )
@@ -168,6 +207,14 @@ def main() -> None:
           f"{r['search_ms'] / r['brute_ms']:.1f}x |")  # fmt: skip
     print(f"\nread_pools: {r['rows']:,} usable rows, {r['excluded']} excluded (dropped); "
           f"neighbours top-10 agrees with brute force on {r['search_overlap']}/10")  # fmt: skip
+    print("\nAudit queries (ms; median of 10 for the per-prompt and per-row queries; ratio to the store as written)\n")
+    states = list(audit)
+    print("| query | " + " | ".join(states) + " |\n|---|" + "---|" * len(states))
+    base = audit[states[0]]
+    for query in AUDIT_QUERIES:
+        cells = [f"{1e3 * audit[s][query]:.1f}" + ("" if s == states[0] else f" ({base[query] / audit[s][query]:.1f}x)")
+                 for s in states]  # fmt: skip
+        print(f"| `{query}` | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,8 @@ def test_a_round_fills_the_store_and_the_registry(finished_round):
     assert next_round(cfg, "r") == 1
     report = Path(cfg.runtime.workdir) / "runs" / "r" / "round-0"
     assert (report / "start.json").is_file() and (report / "eval-candidate.json").is_file()
+    # the in-process train stage hands the groups to the trainer in memory: no groups file, no spec file
+    assert not (report / "groups.jsonl").exists() and not (report / "train-spec.json").exists()
     cache = sorted(p.name for p in (Path(cfg.runtime.workdir) / "runs" / "r" / "eval-cache").iterdir())
     assert [name.split("-")[:2] for name in cache] == [["r", "init"], ["r", "r0"]]  # the candidate's too
 
@@ -280,3 +282,49 @@ def test_score_reads_each_prompt_from_its_row_not_from_the_config(tmp_path):
     assert record["counts"]["prompts_from_config"] == len(old) == record["counts"]["scored"]
     assert {r["prompt_id"]: r["reward"] for r in store.read_rows("rows", 0, ["prompt_id", "reward"]).to_pylist()} \
         == {"two": 2.0, "one": 1.5}
+
+
+def test_the_starting_policy_is_fixed_by_an_explicit_step(tmp_path):
+    """Reading ctx.start or ctx.initial writes nothing; fix_start (run_stage's first step) records the champion once,
+    and the round keeps it after another policy becomes the champion."""
+    from ampo.stages.context import RoundContext, fix_start
+
+    cfg = smoke_config(tmp_path)
+    store = open_store(cfg)
+    ctx = RoundContext(cfg, "s", 0, store)
+    with pytest.raises(RuntimeError, match="starting policy is not fixed"):
+        _ = ctx.start
+    with pytest.raises(ValueError, match="no initial policy 's-init'"):
+        _ = ctx.initial
+    assert store.list_checkpoints("s") == [] and not (ctx.dir / "start.json").exists()  # reads wrote nothing
+    start = fix_start(ctx)
+    assert start["id"] == "s-init" and json.loads((ctx.dir / "start.json").read_text()) == start
+    assert store.champion("s")["id"] == "s-init" and ctx.initial == start
+    store.upsert_checkpoint({"id": "s-other", "run": "s", "round": -1, "path": start["path"], "status": "candidate"})
+    store.set_champion("s", "s-other")
+    assert fix_start(RoundContext(cfg, "s", 0, store)) == start  # round 0 keeps the policy it started from
+    assert fix_start(RoundContext(cfg, "s", 1, store))["id"] == "s-other"  # the next round starts from the champion
+
+
+def test_the_trainer_entry_needs_the_groups_in_memory_or_in_a_file():
+    from ampo.trainer import TrainSpec, run_spec
+
+    with pytest.raises(ValueError, match="needs the groups"):
+        run_spec(TrainSpec(policy_path="p", output_dir="o"))
+
+
+def test_a_completed_round_optimizes_a_large_store_and_leaves_a_small_one(finished_round, monkeypatch):
+    import ampo.stages as stages_module
+
+    cfg, _ = finished_round
+    store = open_store(cfg)
+    indexed = {c for index in store.candidates.list_indices() for c in index.columns}
+    assert not indexed & {"id", "run", "round"}  # 36 rows: below OPTIMIZE_MIN_ROWS, the round end skipped it
+    version = store.version
+    assert stages_module.optimize_store(store) is None and store.version == version  # nothing written
+    before = store.read_rows("r", 0, ["id", "reward", "role"])
+    monkeypatch.setattr(stages_module, "OPTIMIZE_MIN_ROWS", 1)  # as if the store were large
+    run_stage("promote", cfg, "r", 0, force=True)  # the last stage: the round completes again
+    indexed = {c for index in store.candidates.list_indices() for c in index.columns}
+    assert {"id", "run", "round"} <= indexed
+    assert store.read_rows("r", 0, ["id", "reward", "role"]).equals(before)  # same rows through the indexes

@@ -10,6 +10,7 @@ in a child process when the config asks for it, so that the child's exit returns
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import subprocess
 import sys
@@ -19,7 +20,18 @@ from collections.abc import Callable
 from ampo.config import RunConfig, validate_run_id
 from ampo.runlock import INHERITED_ENV, held_lock_fd
 from ampo.schema import STAGES, check_int
-from ampo.stages.context import Progress, RoundContext, open_store, round_dir, run_dir, write_json_atomic
+from ampo.stages.context import (
+    Progress,
+    RoundContext,
+    fix_start,
+from ampo.store import INDEX_MIN_ROWS, Store
+
+log = logging.getLogger(__name__)
+    open_store,
+    round_dir,
+    run_dir,
+    write_json_atomic,
+)
 from ampo.stages.data import embed, generate, score, select
 from ampo.stages.gate import StageResult, evaluate, promote
 from ampo.stages.learn import reflogps, train
@@ -63,6 +75,7 @@ def run_stage(name: str, cfg: RunConfig, run: str, round_: int, *, force: bool =
     store.stage_started(run, round_, name)
     start = time.perf_counter()
     try:
+        ctx.started_from = fix_start(ctx)  # the round's first step, for real before generate; later stages reread it
         result = STAGE_FUNCTIONS[name](ctx)
     except BaseException as exc:
         store.stage_failed(run, round_, name, f"{type(exc).__name__}: {exc}")
@@ -71,7 +84,28 @@ def run_stage(name: str, cfg: RunConfig, run: str, round_: int, *, force: bool =
         result = StageResult(result)
     record = store.stage_done(run, round_, name, result.counts, time.perf_counter() - start,
                               metrics=result.metrics, gate=result.gate)  # fmt: skip
+    if name == STAGES[-1]:
+        optimize_store(store)  # the round is complete
     return {**record, "skipped": False}
+
+
+OPTIMIZE_MIN_ROWS = INDEX_MIN_ROWS  # a store this large is compacted and indexed at the end of each round
+
+
+def optimize_store(store: Store) -> list[str] | None:
+    """End of a round: compact the candidates table and build its id / run / round indexes, once it holds
+    OPTIMIZE_MIN_ROWS rows (below that a scan beats an index: docs/store.md); a smaller store is left alone.
+
+    Returns the columns indexed now, or None when skipped. The round is already recorded as done, so a failure here
+    is logged and left to the next round's end, which tries again."""
+    try:
+        created = store.optimize(min_rows=OPTIMIZE_MIN_ROWS, index_min_rows=OPTIMIZE_MIN_ROWS)
+    except (OSError, RuntimeError) as err:
+        log.warning("store optimize after the round failed (the next round's end retries): %s", err)
+        return None
+    if created:
+        log.info("store: indexed %s", ", ".join(created))
+    return created
 
 
 def run_stage_isolated(name: str, cfg: RunConfig, run: str, round_: int, *, progress: Progress | None = None) -> dict:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from ampo.config import RunConfig
@@ -58,37 +58,31 @@ class RoundContext:
     round: int
     store: Store
     progress: Progress | None = None
+    started_from: dict | None = field(default=None, repr=False)  # fix_start's record; run_stage sets it
 
     @property
     def dir(self) -> Path:
         return round_dir(self.cfg, self.run, self.round)
 
+    @property
+    def start(self) -> dict:
+        """The champion this round started from ({"id", "path"}), as `fix_start` fixed it before the stage ran."""
+        if self.started_from is None:
+            raise RuntimeError(f"run {self.run!r} round {self.round}: the starting policy is not fixed; run the stage "
+                               f"through ampo.stages.run_stage, which calls fix_start first")
+        return self.started_from
+
     def report(self, what: str, done: int, total: int) -> None:
         if self.progress is not None:
             self.progress(what, done, total)
 
-    @cached_property
-    def start(self) -> dict:
-        """The champion this round started from ({"id", "path"}), fixed the first time a stage of it asks.
-
-        Round 0 of a new run registers the configured policy as the run's first champion. The record lives in the
-        round's folder, so later stages and re-runs use the same policy even after this round promoted another.
-        Each stage checks it again before reading it (ampo.checkpoints.resolve_checkpoint: manifest present).
-        """
-        path = self.dir / "start.json"
-        if path.is_file():
-            return self._readable(json.loads(path.read_text()))
-        champion = self.store.champion(self.run) or register_initial_policy(self.cfg, self.run, self.store)
-        start = self._readable(champion)
-        write_json_atomic(path, start)
-        return start
-
-    @cached_property
+    @property
     def initial(self) -> dict:
-        """The run's initial policy ({"id", "path"})."""
+        """The run's initial policy ({"id", "path"}), registered by the run's first `fix_start`."""
         record = self.store.get_checkpoint(initial_checkpoint_id(self.run))
         if record is None:
-            record = register_initial_policy(self.cfg, self.run, self.store)
+            raise ValueError(f"run {self.run!r} has no initial policy {initial_checkpoint_id(self.run)!r} in the "
+                             f"registry; round 0's first stage registers it")
         return self._readable(record)
 
     def _readable(self, ref: dict) -> dict:
@@ -99,6 +93,23 @@ class RoundContext:
         if row is None:
             raise ValueError(f"run {self.run!r} round {self.round}: checkpoint {ref['id']!r} is not in the registry")
         return {"id": ref["id"], "path": resolve_checkpoint({**row, "path": ref["path"]})}
+
+
+def fix_start(ctx: RoundContext) -> dict:
+    """The round's first step: fix the policy it starts from ({"id", "path"}) and return it.
+
+    The first call (before generate) records the run's current champion in the round's folder (start.json); round 0
+    of a new run first registers the configured policy as the run's first champion. Later calls, from later stages
+    and re-runs, read that record, so the whole round uses the same policy even after it promoted another. Each call
+    checks the checkpoint is readable (ampo.checkpoints.resolve_checkpoint: manifest present).
+    """
+    path = ctx.dir / "start.json"
+    if path.is_file():
+        return ctx._readable(json.loads(path.read_text()))
+    champion = ctx.store.champion(ctx.run) or register_initial_policy(ctx.cfg, ctx.run, ctx.store)
+    start = ctx._readable(champion)
+    write_json_atomic(path, start)
+    return start
 
 
 def register_initial_policy(cfg: RunConfig, run: str, store: Store) -> dict:

@@ -237,13 +237,18 @@ class Store:
 
     # -- maintenance ---------------------------------------------------------------------------------------------
 
-    def optimize(self, *, index_min_rows: int = INDEX_MIN_ROWS) -> list[str]:
+    def optimize(self, *, index_min_rows: int = INDEX_MIN_ROWS, min_rows: int = 0) -> list[str] | None:
         """Compact small files, update indexes, and index id / run / round once the table has index_min_rows.
 
-        Returns the columns indexed by this call. Never prunes versions (tags keep old rounds readable).
+        Returns the columns indexed by this call; None, having done nothing, when the table has fewer than
+        `min_rows` rows (the end of a round passes INDEX_MIN_ROWS: a small store gains nothing worth a commit).
+        Never prunes versions (tags keep old rounds readable).
         """
+        rows = self.candidates.count_rows()
+        if rows < min_rows:
+            return None
         created = []
-        if self.candidates.count_rows() >= index_min_rows:
+        if rows >= index_min_rows:
             have = {c for index in self.candidates.list_indices() for c in index.columns}
             for column, config in (("id", BTree()), ("run", Bitmap()), ("round", Bitmap())):
                 if column not in have:
