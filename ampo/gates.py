@@ -219,11 +219,6 @@ def decide(gates: Gates, evaluation: Evaluation) -> GateDecision:
                   reward_gain=gain.value, length_ratio=evaluation.length_ratio.value,
                   intervals={"win_rate": evaluation.win_rate.model_dump(), "reward_gain": gain.model_dump(),
                              "length_ratio": evaluation.length_ratio.model_dump()})  # fmt: skip
-    if evaluation.unchanged:
-        keep = gates.on_unchanged == "keep"
-        reason = (f"unchanged: the candidate's {evaluation.n_prompts} evaluation answers equal the champion's; "
-                  f"{'the champion stays' if keep else 'promoted'} (gates.on_unchanged={gates.on_unchanged})")
-        return GateDecision("unchanged", not keep, reasons=[reason], **common)
     checks = [
         ("win rate", evaluation.win_rate, gates.min_win_rate, True),
         ("reward gain", gain, gates.min_reward_gain, True),
@@ -238,6 +233,11 @@ def decide(gates: Gates, evaluation: Evaluation) -> GateDecision:
         passed &= good
         reasons.append(f"{name} {iv.text()} (one-sided {pct} bounds), {gates.mode}: {rule} {threshold:g}: "
                        f"{'pass' if good else 'FAIL'}")  # fmt: skip
+    if evaluation.unchanged:  # the numbers cannot tell the two apart: the gates are shown, not applied
+        keep = gates.on_unchanged == "keep"
+        reason = (f"unchanged: the candidate's {evaluation.n_prompts} evaluation answers equal the champion's; "
+                  f"{'the champion stays' if keep else 'promoted'} (gates.on_unchanged={gates.on_unchanged})")
+        return GateDecision("unchanged", not keep, reasons=[reason, *(f"not applied: {r}" for r in reasons)], **common)
     if not reasons:
         reasons.append("no gate is set: the candidate is promoted unconditionally")
     return GateDecision("promote" if passed else "reject", passed, reasons=reasons, **common)

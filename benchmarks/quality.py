@@ -353,14 +353,25 @@ def plot(summary: dict, profile: Profile, path: Path) -> Path | None:
 
 
 def run(name: str, out: Path, extra: dict | None = None, *, log: Callable[[str], None] = print,
-        command: str = "") -> dict:
-    """Run (or resume) every cell of the profile; write results.json, quality.md and quality.png under `out`."""
+        command: str = "", **changes) -> dict:
+    """Run (or resume) every cell of the profile; write results.json, quality.md and quality.png under `out`.
+    extra: config overrides for every arm; changes: Profile fields to replace (arms, rounds, seeds, ...)."""
     profile = PROFILES[name]
-    if extra:
-        profile = Profile(**{**profile.__dict__, "overrides": {**profile.overrides, **extra}})
+    unknown = sorted(set(changes) - set(Profile.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown profile field(s) {unknown}; allowed: {sorted(Profile.__dataclass_fields__)}")
+    bad = sorted(set(changes.get("arms", ())) - set(ARMS))
+    if bad:
+        raise ValueError(f"unknown arm(s) {bad}; choose from {sorted(ARMS)}")
+    profile = Profile(**{**profile.__dict__, **changes, "overrides": {**profile.overrides, **(extra or {})}})
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {"profile": name, "cells": {}}
+    settings = {"profile": name, "config": profile.config, "ifbench": profile.ifbench, "heldout": profile.heldout,
+                "overrides": json.loads(json.dumps(profile.overrides, default=str))}  # fmt: skip
+    if results.setdefault("settings", settings) != settings:
+        raise ValueError(f"{path} holds cells made with other settings ({results['settings']}, now {settings}); "
+                         "resume with the same ones or choose another --out")
     for seed in range(profile.seeds):
         for r in range(profile.rounds):
             for arm in profile.arms:
@@ -398,7 +409,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="default: .ampo/bench-quality/<profile>")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every arm, e.g. --set train.lr=2e-5")
+    parser.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(ARMS)}")
+    for name in ("rounds", "seeds", "ifbench", "heldout"):
+        parser.add_argument(f"--{name}", type=int, default=None, help=f"replace the profile's {name}")
     args = parser.parse_args(argv)
+    changes = {k: getattr(args, k) for k in ("rounds", "seeds", "ifbench", "heldout") if getattr(args, k) is not None}
+    if args.arms:
+        changes["arms"] = tuple(a.strip() for a in args.arms.split(",") if a.strip())
     extra = {}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -407,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
         extra[key] = yaml.safe_load(value)
     out = args.out or REPO / ".ampo" / "bench-quality" / args.profile
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    run(args.profile, out, extra, command=command)
+    run(args.profile, out, extra, command=command, **changes)
     print((out / "quality.md").read_text())
 
 

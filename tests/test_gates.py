@@ -192,6 +192,8 @@ def test_unchanged_is_its_own_decision():
     strict = Gates(mode="superiority", min_reward_gain=0.1)  # would reject on the numbers
     d = decide(strict, ev)
     assert d.decision == "unchanged" and d.passed and "equal the champion's" in d.reasons[0]
+    # the gates' numbers are shown but not applied: reward gain 0 [0, 0] misses 0.1 under superiority
+    assert d.reasons[1].startswith("not applied: win rate") and d.reasons[2].endswith("FAIL")
     kept = decide(strict.model_copy(update={"on_unchanged": "keep"}), ev)
     assert kept.decision == "unchanged" and not kept.passed and "the champion stays" in kept.reasons[0]
     assert gate_summary(kept.as_dict()).startswith("unchanged, kept champion (win 0.500 [0.500, 0.500]")
