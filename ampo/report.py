@@ -115,14 +115,14 @@ def selection_rows(prompt_offsets: np.ndarray, prompt_ids: np.ndarray, prompts: 
         c = lo + int(chosen[0])
         rejected = lo + np.flatnonzero(role == "rejected")
         rejected = rejected[np.argsort(-rewards[rejected], kind="stable")]
-        rows.append({
+        rows.append({  # numbers first, then the texts: a table shows the leftmost columns without scrolling
             "prompt_id": str(prompt_ids[lo]),
-            "prompt": excerpt(str(prompts[lo]), limit),
             "pool": hi - lo,
             "pool_reward_range": f"{rewards[lo:hi].min():.3g} .. {rewards[lo:hi].max():.3g}",
             "chosen_reward": round(float(rewards[c]), 4),
-            "chosen": excerpt(str(responses[c]), limit),
             "rejected_rewards": ", ".join(f"{r:.3g}" for r in rewards[rejected]),
+            "prompt": excerpt(str(prompts[lo]), limit),
+            "chosen": excerpt(str(responses[c]), limit),
             "worst_rejected": excerpt(str(responses[rejected[-1]]), limit) if len(rejected) else "",
         })
     return rows
@@ -171,7 +171,7 @@ def plot_embedding_map(vectors: np.ndarray, prompt_idx: np.ndarray, roles: np.nd
 
 def plot_rounds(metrics: list[dict], path: Path) -> Path:
     """Evaluation metrics across rounds: mean reward of the candidate and the champion, and the win rate."""
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FixedLocator, MaxNLocator
 
     fig = _figure(9, 3.5)
     a, b = fig.subplots(1, 2)
@@ -186,8 +186,8 @@ def plot_rounds(metrics: list[dict], path: Path) -> Path:
         b.fill_between([m["round"] for m in bounded], *zip(*[m["win_rate_bounds"] for m in bounded]), alpha=0.2)
     b.axhline(0.5, color="grey", lw=0.8)
     b.set(xlabel="round", ylabel="win rate vs champion", title="Head-to-head", ylim=(0, 1))
-    for axis in (a.xaxis, b.xaxis):
-        axis.set_major_locator(MaxNLocator(integer=True))
+    for axis in (a.xaxis, b.xaxis):  # whole rounds only (one round alone got ticks at -0.045 ... 0.045)
+        axis.set_major_locator(MaxNLocator(integer=True) if len(rounds) > 10 else FixedLocator(rounds))
     return _save(fig, path, left=0.08, wspace=0.3)
 
 

@@ -3,10 +3,10 @@
     .venv/bin/python infra/screenshot_artifacts.py [--out DIR]      # default DIR: ./screens
 
 Starts a Prefect server with its UI on loopback (temporary PREFECT_HOME, a free port), runs one smoke round
-(the self-play-round flow with plots=True, infra/configs/smoke.yaml, temporary store) against it, then has Debian's chromium
-(`apt-get install chromium`) load the UI pages and save PNGs under DIR: the flow run's Artifacts tab and each
-artifact's own page (summary, selection statistics, selected groups, evaluation metrics, plots) plus the flow run's
-logs. The server is stopped on exit. About 2-4 minutes on 2 busy cores.
+(the self-play-round flow with plots=True, infra/configs/smoke.yaml, temporary store) against it, then has
+Debian's chromium (`apt-get install chromium`) load the UI pages and save PNGs under DIR: the flow run's page (its graph, with the
+artifacts marked, and its logs) and each artifact's own page (summary, selection statistics, selected groups,
+evaluation metrics, plots). The server is stopped on exit. About 2-4 minutes on 2 busy cores.
 """
 
 import argparse
@@ -34,7 +34,7 @@ def screenshot(browser: str, url: str, out: Path, height: int = 1800, budget_ms:
     """One page, after `budget_ms` of the page's virtual time (the UI fetches its data after load)."""
     with tempfile.TemporaryDirectory() as profile:
         subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                        f"--user-data-dir={profile}", f"--window-size=1400,{height}",
+                        f"--user-data-dir={profile}", f"--window-size=1800,{height}",
                         f"--virtual-time-budget={budget_ms}", f"--screenshot={out}", url],
                        check=True, capture_output=True, timeout=180)  # fmt: skip
     print(f"[screens] {out} <- {url}")
@@ -61,8 +61,7 @@ def main() -> None:
         (run,) = [r for r in server.flow_runs() if r["name"] and r["state_type"] == "COMPLETED"
                   and r.get("parent_task_run_id") is None][:1]  # fmt: skip
         ui = server.api_url.removesuffix("/api")
-        screenshot(browser, f"{ui}/runs/flow-run/{run['id']}?tab=Artifacts", args.out / "flow-run-artifacts.png")
-        screenshot(browser, f"{ui}/runs/flow-run/{run['id']}?tab=Logs", args.out / "flow-run-logs.png")
+        screenshot(browser, f"{ui}/runs/flow-run/{run['id']}", args.out / "flow-run-logs.png")  # opens on Logs
         artifacts = server.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
         for artifact in artifacts:
             name = (artifact.get("key") or artifact["id"]).removeprefix("screens-r0-")

@@ -90,13 +90,15 @@ def plots_markdown(paths: list[str]) -> str:
 
 def metric_rows(metrics: dict, prefix: str = "") -> list[dict]:
     """{"champion": {"mean_reward": {"value": 0.4}}} -> [{"metric": "champion.mean_reward.value", "value": 0.4}];
-    lists of numbers are joined with ', '."""
+    floats to 4 significant digits; lists are joined with ', '."""
     rows = []
     for name, value in metrics.items():
         if isinstance(value, dict):
             rows += metric_rows(value, f"{prefix}{name}.")
         elif isinstance(value, list | tuple):
             rows.append({"metric": f"{prefix}{name}", "value": ", ".join(map(str, value))})
+        elif isinstance(value, float):
+            rows.append({"metric": f"{prefix}{name}", "value": float(f"{value:.4g}")})  # 0.2499999... -> 0.25
         else:
             rows.append({"metric": f"{prefix}{name}", "value": value})
     return rows

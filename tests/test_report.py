@@ -1,5 +1,7 @@
 """Round reports: statistics by hand, the projection's properties, plots written as real PNG files."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -91,7 +93,7 @@ def test_log_progress_lines_per_tenth_throttled_and_the_last():
     now = [0.0]
     log = ListLogger()
     progress = LogProgress(log, every=0.1, min_interval_s=5.0, clock=lambda: now[0])
-    for done in range(0, 101):  # one unit per second: 0..100 of 100
+    for done in range(101):  # one unit per second: 0..100 of 100
         now[0] = float(done)
         progress("train", done, 100)
     progress("train", 100, 100)  # repeated end: not logged again
@@ -100,7 +102,7 @@ def test_log_progress_lines_per_tenth_throttled_and_the_last():
     log.lines.clear()
     now[0] = 0.0
     fast = LogProgress(log, every=0.1, min_interval_s=5.0, clock=lambda: now[0])
-    for done in range(0, 101):  # all at once: only the first and the last line
+    for done in range(101):  # all at once: only the first and the last line
         fast("generate", done, 100)
     assert log.lines == ["generate: 0/100 (0%)", "generate: 100/100 (100%)"]
 
@@ -121,13 +123,13 @@ def test_plots_artifact_embeds_each_png_as_a_data_uri(tmp_path):
     assert [name for name, _ in images] == ["rewards", "rounds"]
     for (_, target), path in zip(images, paths):
         assert target.startswith("data:image/png;base64,")
-        assert base64.b64decode(target.removeprefix("data:image/png;base64,")) == open(path, "rb").read()
+        assert base64.b64decode(target.removeprefix("data:image/png;base64,")) == Path(path).read_bytes()
 
 
 def test_metric_rows_flatten_nested_metrics():
     from tasks.stages import metric_rows
 
-    metrics = {"n_prompts": 6, "win_rate": {"value": 0.5, "lower": 0.25}, "bounds": [0.1, 0.2]}
+    metrics = {"n_prompts": 6, "win_rate": {"value": 0.5, "lower": 0.24999999999999997}, "bounds": [0.1, 0.2]}
     assert metric_rows(metrics) == [{"metric": "n_prompts", "value": 6}, {"metric": "win_rate.value", "value": 0.5},
                                     {"metric": "win_rate.lower", "value": 0.25},
                                     {"metric": "bounds", "value": "0.1, 0.2"}]
