@@ -52,9 +52,8 @@ def test_lock_is_released_when_the_holder_is_killed(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "held"
-        with pytest.raises(RunLockedError):
-            with run_lock(tmp_path, "r"):
-                pass
+        with pytest.raises(RunLockedError), run_lock(tmp_path, "r"):
+            pass
         proc.kill()
         proc.wait(timeout=10)
         start = time.monotonic()
@@ -65,9 +64,8 @@ def test_lock_is_released_when_the_holder_is_killed(tmp_path):
 
 
 def test_bad_run_id_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="run id '../x' must match"):
-        with run_lock(tmp_path, "../x"):
-            pass
+    with pytest.raises(ValueError, match="run id '../x' must match"), run_lock(tmp_path, "../x"):
+        pass
 
 
 def test_a_stage_child_keeps_the_run_locked_after_its_parent_lets_go(tmp_path):
@@ -129,7 +127,7 @@ def test_an_object_store_uri_falls_back_to_a_lock_per_machine(tmp_path, monkeypa
 
 
 def test_the_lock_is_taken_once_when_the_cli_holds_it_around_the_flow(tmp_path, monkeypatch):
-    import ampo.runlock as runlock
+    from ampo import runlock
 
     taken = []
     real = runlock._acquire
