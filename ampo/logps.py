@@ -16,7 +16,8 @@ from torch import Tensor
 
 IGNORE_INDEX = -100
 ResponseSpan = Literal["generation", "assistant_turn"]
-ForwardMode = Literal["padded", "packed", "prefix_shared"]
+ForwardMode = Literal["auto", "padded", "packed", "prefix_shared"]
+PREFIX_SHARED_MAX_COST = 0.75  # "auto" shares prefixes when that processes at most this share of packed's tokens
 
 
 # ----------------------------------------------------------------------------- tokenisation
@@ -340,6 +341,20 @@ FORWARDS: dict[str, Callable[..., GroupLogps]] = {
 }
 
 
+def choose_forward(examples: Sequence[Example], *, gradient_checkpointing: bool = False) -> str:
+    """The forward "auto" runs: "prefix_shared" when it processes at most PREFIX_SHARED_MAX_COST of the tokens the
+    packed forward processes (the distinct prompts padded to the longest, plus every response padded to the longest:
+    long prompts shared by several responses), else "packed"; always "packed" under gradient checkpointing."""
+    if gradient_checkpointing:
+        return "packed"
+    group_of = _prompt_groups(examples)
+    firsts = [examples[group_of.index(g)] for g in range(group_of[-1] + 1)]
+    packed = sum(len(e.input_ids) for e in examples)
+    shared = (len(firsts) * max(e.n_prompt for e in firsts)
+              + len(examples) * max(len(e.input_ids) - e.n_prompt for e in examples))
+    return "prefix_shared" if shared <= PREFIX_SHARED_MAX_COST * packed else "packed"
+
+
 def group_logps(model, examples: Sequence[Example], *, pad_token_id: int, forward_mode: ForwardMode = "padded",
                 eos_token_id: int | None = None) -> GroupLogps:
     """Response log-probs of many sequences (several groups' responses) in one batched forward. Returns (N,) each.
@@ -351,12 +366,16 @@ def group_logps(model, examples: Sequence[Example], *, pad_token_id: int, forwar
     "prefix_shared": a group's prompt is computed once and its KV cache reused by its K responses; examples of
     one group must be consecutive and share prompt ids (as `build_group` makes them). Differentiable; wrap
     in torch.no_grad() for reference log-probs. With `eos_token_id`, also P(EOS) at each last response position.
+    "auto": "prefix_shared" or "packed" for these examples, by the tokens each processes (`choose_forward`).
     """
-    if forward_mode not in FORWARDS:
-        raise ValueError(f"unknown forward_mode {forward_mode!r}; choose from {sorted(FORWARDS)}")
+    if forward_mode not in FORWARDS and forward_mode != "auto":
+        raise ValueError(f"unknown forward_mode {forward_mode!r}; choose from {sorted([*FORWARDS, 'auto'])}")
     if not examples:
         raise ValueError("group_logps needs at least one example")
-    if forward_mode == "prefix_shared" and model.training and getattr(model, "is_gradient_checkpointing", False):
+    checkpointing = model.training and getattr(model, "is_gradient_checkpointing", False)
+    if forward_mode == "auto":
+        forward_mode = choose_forward(examples, gradient_checkpointing=checkpointing)
+    if forward_mode == "prefix_shared" and checkpointing:
         raise ValueError("forward_mode='prefix_shared' needs the KV cache, which transformers turns off under "
                          "gradient checkpointing; use forward_mode='padded' or disable gradient checkpointing")
     if any(e.n_prompt < 1 for e in examples):

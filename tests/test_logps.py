@@ -9,7 +9,16 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from ampo.logps import IGNORE_INDEX, build_example, build_group, group_logps, per_token_logps, sequence_logps
+from ampo.logps import (
+    IGNORE_INDEX,
+    Example,
+    build_example,
+    build_group,
+    choose_forward,
+    group_logps,
+    per_token_logps,
+    sequence_logps,
+)
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
@@ -276,6 +285,28 @@ def test_packed_forward_under_gradient_checkpointing(model, tokenizer, examples)
         model.eval()
         model.zero_grad()
     torch.testing.assert_close(out.sum.detach(), expected.sum, atol=1e-5, rtol=1e-5)
+
+
+def _example(n_prompt: int, n_response: int, prompt_token: int = 5) -> Example:
+    return Example(input_ids=[prompt_token] * n_prompt + [7] * n_response,
+                   labels=[IGNORE_INDEX] * n_prompt + [7] * n_response, n_prompt=n_prompt)
+
+
+def test_choose_forward_by_tokens_processed():
+    # short prompt: packed processes (2+10) + (2+4) = 18 tokens; prefix-shared 1 prompt x 2 + 2 responses x 10 = 22
+    assert choose_forward([_example(2, 10), _example(2, 4)]) == "packed"
+    # long prompt: packed (20+4) + (20+6) = 50; prefix-shared 20 + 2 x 6 = 32 <= 0.75 x 50 = 37.5
+    long = [_example(20, 4), _example(20, 6)]
+    assert choose_forward(long) == "prefix_shared"
+    assert choose_forward(long, gradient_checkpointing=True) == "packed"  # no KV cache under checkpointing
+    # two groups (prompts differ): packed 50 + (10+4)x2 = 78; shared 2 prompts x 20 + 4 responses x 6 = 64 > 58.5
+    assert choose_forward(long + [_example(10, 4, prompt_token=6)] * 2) == "packed"
+
+
+def test_auto_forward_equals_padded(model, tokenizer, examples):
+    kw = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    for a, b in zip(group_logps(model, examples, **kw), group_logps(model, examples, forward_mode="auto", **kw)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_group_logps_bad_mode(model, tokenizer, examples):
