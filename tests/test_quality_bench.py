@@ -103,3 +103,11 @@ def test_stratified_ifbench_covers_every_category_first():
     with pytest.raises(ValueError, match="subset size 0"):
         q.stratified_ifbench(0)
     assert np.unique([p.prompt_id for p in q.stratified_ifbench(60)]).size == 60
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps({"cells": {}, "settings": {"profile": "tiny", "heldout": 99}}))
+    with pytest.raises(ValueError, match="made with other settings"):
+        q.run("tiny", tmp_path, log=lambda _: None)
+    with pytest.raises(ValueError, match=r"unknown arm\(s\) \['nope'\]"):
+        q.run("tiny", tmp_path / "x", arms=("nope",))
