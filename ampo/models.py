@@ -65,6 +65,16 @@ def quiet_loading() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def resolve_device(device: str) -> str:
+    """runtime.device as a torch device name: "auto" is "cuda" when a CUDA device is visible, else "cpu"; "cuda"
+    without one is an error naming the setting."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("runtime.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def check_safetensors(folder: str | Path) -> None:
     """Raise ValueError naming the first `*.safetensors` file in `folder` whose size is not what its header
     describes (a truncated copy, an interrupted save). Reads only the headers; a hub name (no folder) passes."""

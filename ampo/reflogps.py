@@ -65,9 +65,9 @@ def compute_reference_logps(model_path: str, groups_or_pairs: Sequence[Group] | 
 def reference_precision(cfg: TrainConfig, runtime: RuntimeConfig) -> tuple[torch.device, bool]:
     """(device, bf16 autocast?) exactly as the trainer runs: fp32 weights, bf16 autocast on GPU when cfg.dtype is
     auto or bfloat16 (on CPU only when bfloat16), so reference and policy log-probs agree at step 0."""
-    if runtime.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("runtime.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    cpu = runtime.device == "cpu" or not torch.cuda.is_available()
+    from ampo.models import resolve_device
+
+    cpu = resolve_device(runtime.device) == "cpu"
     autocast = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and not cpu)
     return torch.device("cpu" if cpu else "cuda"), autocast
 

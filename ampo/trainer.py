@@ -289,9 +289,9 @@ def make_accelerator(cfg: TrainConfig, runtime: RuntimeConfig):
     """Accelerator with gradient accumulation; fp32 on CPU, bf16 autocast on GPU when dtype is auto."""
     from accelerate import Accelerator
 
-    if runtime.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("runtime.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    cpu = runtime.device == "cpu" or not torch.cuda.is_available()
+    from ampo.models import resolve_device
+
+    cpu = resolve_device(runtime.device) == "cpu"
     mixed = {"auto": "no" if cpu else "bf16", "float32": "no", "bfloat16": "bf16"}[cfg.dtype]
     fresh_accelerate_state()
     accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed)

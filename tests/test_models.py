@@ -273,3 +273,16 @@ def test_a_planted_bin_next_to_safetensors_is_never_unpickled(tiny, tmp_path):
     assert not marker.exists()  # transformers was told use_safetensors=True: it read model.safetensors only
     reference = load_policy(str(tiny), TrainConfig(), RuntimeConfig(device="cpu"))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+def test_resolve_device_is_the_one_rule_for_runtime_device(monkeypatch):
+    import torch
+
+    from ampo.models import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match=r"^runtime.device='cuda' but no CUDA device is available"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda" and resolve_device("cuda") == "cuda" and resolve_device("cpu") == "cpu"

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol, get_args
 
 from ampo.config import GenerationConfig, RuntimeConfig
+from ampo.models import resolve_device  # noqa: F401 - the backends' device, defined once in ampo.models
 
 FinishReason = Literal["stop", "length"]
 Progress = Callable[[int], None]  # called with the number of prompts done so far
@@ -97,15 +98,6 @@ def prompts_over_context(model_path: str, prompts: list[str], cfg: GenerationCon
         return None, {}
     lengths = {i: len(render_prompt(tokenizer, p, cfg.system_prompt)) for i, p in enumerate(prompts)}
     return context, {i: n for i, n in lengths.items() if n + cfg.max_new_tokens > context}
-
-
-def resolve_device(device: str) -> str:
-    """The device for "auto": "cuda" when a CUDA device is visible, else "cpu"."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def resolve_dtype(dtype: str, device: str) -> str:

@@ -19,15 +19,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def resolve_device(device: str) -> torch.device:
-    """"auto": cuda when available, else cpu; "cuda" without a GPU is an error."""
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("runtime.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    return torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
-
-
 class ClassifierReward:
     """The RM's logit for the chat [user: prompt, assistant: response], rendered with the RM tokenizer's own chat
     template. Returns (n,) float64. Inputs longer than `max_length` tokens keep their first `max_length` tokens and
@@ -42,6 +33,9 @@ class ClassifierReward:
         if not self.tokenizer.chat_template:
             raise ValueError(f"reward model {model!r}: its tokenizer has no chat template to render (prompt, response)")
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+        from ampo.models import check_safetensors
+
+        check_safetensors(model)  # a truncated file: one error naming it
         self.model = AutoModelForSequenceClassification.from_pretrained(
             model, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
         )
@@ -97,5 +91,9 @@ class ClassifierReward:
 
 
 def make_classifier_reward(component: RewardComponent, runtime: RuntimeConfig) -> ClassifierReward:
+    import torch
+
+    from ampo.models import resolve_device
+
     return ClassifierReward(component.model, component.batch_size, component.max_length,
-                            resolve_device(runtime.device), runtime.trust_remote_code)
+                            torch.device(resolve_device(runtime.device)), runtime.trust_remote_code)

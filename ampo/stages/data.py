@@ -177,16 +177,10 @@ def _prompt_of(by_id: dict, prompt_id: str):
 def embed(ctx: RoundContext) -> dict:
     """Embed every response that has no vector yet."""
     from ampo.embedding import SentenceTransformerEmbedder, embed_round
+    from ampo.models import resolve_device
 
-    embedder = SentenceTransformerEmbedder(ctx.cfg.embedding, device=_device(ctx))
+    embedder = SentenceTransformerEmbedder(ctx.cfg.embedding, device=resolve_device(ctx.cfg.runtime.device))
     return embed_round(ctx.store, ctx.run, ctx.round, embedder, text=ctx.cfg.embedding.text)
-
-
-def _device(ctx: RoundContext) -> str:
-    import torch
-
-    want = ctx.cfg.runtime.device
-    return ("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want
 
 
 def select(ctx: RoundContext) -> dict:
