@@ -39,10 +39,10 @@ def _stage_task(name: str):
             progress.close()
         if record["skipped"]:
             logger.info("%s r%d: skipped, finished before in %.1fs %s", name, round_, record["seconds"],
-                                  record["counts"])  # fmt: skip
+                        record["counts"])  # fmt: skip
         else:
             logger.info("%s r%d: %s in %.1fs %s", name, round_, record["status"], record["seconds"],
-                                  record["counts"])  # fmt: skip
+                        record["counts"])  # fmt: skip
         return record
 
     run.__doc__ = f"Round stage `{name}`: see ampo.stages.{name}."
