@@ -75,6 +75,13 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def pad_token_id(tokenizer, *, eos_id: int | None = None, config_pad_id: int | None = None) -> int | None:
+    """The id to pad with: a model config's pad id when set, else the tokenizer's pad token, else the EOS token
+    (`eos_id` when given, else the tokenizer's); None when none is set. Padding is masked out, so any real id works."""
+    eos = eos_id if eos_id is not None else tokenizer.eos_token_id
+    return next((i for i in (config_pad_id, tokenizer.pad_token_id, eos) if i is not None), None)
+
+
 def check_safetensors(folder: str | Path) -> None:
     """Raise ValueError naming the first `*.safetensors` file in `folder` whose size is not what its header
     describes (a truncated copy, an interrupted save). Reads only the headers; a hub name (no folder) passes."""

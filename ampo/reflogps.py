@@ -44,13 +44,13 @@ def compute_reference_logps(model_path: str, groups_or_pairs: Sequence[Group] | 
     tgroups, _ = tokenize_groups(tokenizer, groups, max_length=cfg.max_length,
                                  max_prompt_length=cfg.max_prompt_length, options=options)
     device, autocast = reference_precision(cfg, runtime)
-    from ampo.models import check_safetensors, require_safetensors
+    from ampo.models import check_safetensors, pad_token_id, require_safetensors
 
     require_safetensors(model_path)  # never a pickle-based .bin
     check_safetensors(model_path)  # a truncated file: one error naming it
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True,
                                                  trust_remote_code=runtime.trust_remote_code).to(device).eval()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     sums, means, counts = [], [], []
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         for start in range(0, len(tgroups), cfg.groups_per_step):

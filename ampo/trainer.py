@@ -176,7 +176,9 @@ def train(policy_path: str, groups: list[Group], loss_fn: LossFn, cfg: TrainConf
     # the scheduler: stepped by us once per optimizer step (not by accelerate per process), saved with the state
     identity = {"config_hash": config_id, "data_hash": data_id, "num_processes": n_proc}
     start, history = resume(accelerator, output_dir, identity, model=model, optimizer=optimizer, scheduler=scheduler)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    from ampo.models import pad_token_id
+
+    pad_id = pad_token_id(tokenizer)
     step_fn = StepRunner(accelerator, model, optimizer, scheduler, loss_fn, kept, cfg, options, pad_id,
                          tokenizer.eos_token_id)
     restore_torch_threads()  # a vLLM engine run earlier in this process may have changed them

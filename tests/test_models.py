@@ -286,3 +286,14 @@ def test_resolve_device_is_the_one_rule_for_runtime_device(monkeypatch):
         resolve_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == "cuda" and resolve_device("cuda") == "cuda" and resolve_device("cpu") == "cpu"
+
+
+def test_pad_token_id_prefers_the_config_then_the_pad_token_then_eos():
+    from types import SimpleNamespace
+
+    from ampo.models import pad_token_id
+
+    tok = SimpleNamespace(pad_token_id=None, eos_token_id=2)
+    assert pad_token_id(tok) == 2 and pad_token_id(tok, eos_id=7) == 7 and pad_token_id(tok, config_pad_id=0) == 0
+    assert pad_token_id(SimpleNamespace(pad_token_id=5, eos_token_id=2), eos_id=7) == 5
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None)) is None

@@ -30,7 +30,7 @@ from ampo.generation import (
     resolve_device,
     resolve_dtype,
 )
-from ampo.models import check_safetensors, quiet_loading, require_safetensors
+from ampo.models import check_safetensors, pad_token_id, quiet_loading, require_safetensors
 from ampo.threads import restore_torch_threads
 
 
@@ -87,8 +87,7 @@ class HFGenerator(Generator):
             )
         self.model = model.to(self.device).eval()
         self.eos_ids = _eos_ids(model.generation_config.eos_token_id, self.tokenizer.eos_token_id)
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else self.eos_ids[0]
+        self.pad_id = pad_token_id(self.tokenizer, eos_id=self.eos_ids[0])
         # Only our sampling applies: drop the checkpoint's sampling defaults (temperature, repetition penalty, ...).
         self.model.generation_config = HFGenerationConfig(eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
 

@@ -33,7 +33,7 @@ class ClassifierReward:
         if not self.tokenizer.chat_template:
             raise ValueError(f"reward model {model!r}: its tokenizer has no chat template to render (prompt, response)")
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-        from ampo.models import check_safetensors
+        from ampo.models import check_safetensors, pad_token_id
 
         check_safetensors(model)  # a truncated file: one error naming it
         self.model = AutoModelForSequenceClassification.from_pretrained(
@@ -43,8 +43,7 @@ class ClassifierReward:
             raise ValueError(f"reward model {model!r} has num_labels={self.model.config.num_labels}; a reward model "
                              "must output one logit (num_labels=1)")
         self.model.to(device).eval()
-        self.pad_id = next((i for i in (self.model.config.pad_token_id, self.tokenizer.pad_token_id,
-                                        self.tokenizer.eos_token_id) if i is not None), None)
+        self.pad_id = pad_token_id(self.tokenizer, config_pad_id=self.model.config.pad_token_id)
         if self.pad_id is None:
             raise ValueError(f"reward model {model!r} defines no pad or eos token to pad batches with")
         self.model.config.pad_token_id = self.pad_id  # the head pools the last token that is not padding
