@@ -33,14 +33,17 @@ class MissingManifestError(FileNotFoundError):
     """A checkpoint folder without its manifest: unfinished or foreign, never used."""
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON to a temporary name in the same folder, fsync, then rename over `path`."""
+def write_json_atomic(path: Path, data: dict) -> Path:
+    """Write JSON to a temporary name in the same folder (created if missing), fsync, then rename over `path`;
+    returns `path`. The one atomic JSON writer (ampo.stages.context re-exports it without importing torch early)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    return path
 
 
 def config_hash(payload: dict) -> str:

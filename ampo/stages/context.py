@@ -126,9 +126,8 @@ def register_initial_policy(cfg: RunConfig, run: str, store: Store) -> dict:
 
 
 def write_json_atomic(path: Path, data: dict) -> Path:
-    """Write JSON atomically (temporary name, fsync, rename), creating the folder; returns the path."""
-    from ampo.checkpoints import write_json_atomic as write
+    """ampo.checkpoints.write_json_atomic (folder created, temporary name, fsync, rename), imported on first use
+    so that importing the stages does not import torch."""
+    from ampo.checkpoints import write_json_atomic
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write(path, data)
-    return path
+    return write_json_atomic(path, data)
