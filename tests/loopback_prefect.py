@@ -52,7 +52,9 @@ class LoopbackServer:
                 return found
             time.sleep(poll_s)
         tail = log.read_text()[-3000:] if log and log.exists() else ""
-        raise TimeoutError(f"{what}: not within {timeout_s:.0f} s\n{tail}")
+        server_log = (self.home / "server.log").read_text().splitlines()
+        errors = "\n".join([line for line in server_log if "Error" in line][-5:])  # e.g. the scheduler's
+        raise TimeoutError(f"{what}: not within {timeout_s:.0f} s\n{tail}\nserver errors:\n{errors}")
 
 
 def free_port() -> int:
