@@ -1,14 +1,20 @@
 """Training throughput: ampo's group trainer against TRL's DPOTrainer, same model, same responses, same run.
 
-    .venv/bin/python benchmarks/train.py                       # random Llama (hidden 256, 4 layers), CPU, ~6 min
-    .venv/bin/python benchmarks/train.py --shape smollm2-135m  # SmolLM2-135M's shape, random weights (for a GPU)
+    .venv/bin/python benchmarks/train.py                       # random Llama (hidden 256, 4 layers), CPU
+    .venv/bin/python benchmarks/train.py --shape smollm2-135m  # SmolLM2-135M's shape, random weights
+    .venv/bin/python benchmarks/train.py --prompt-words 150 250 --max-length 1024  # long (few-shot/document) prompts
 
-Three trainers, each in its own subprocess (so peak memory is each one's own):
-  ampo-groups  ampo.trainer, AMPO loss (reference-free), every prompt's K responses in one group
-  ampo-pairs   ampo.trainer, DPO loss, best-vs-worst pairs, reference log-probs computed before training
+Trainers, each in its own subprocess (so peak memory is each one's own):
+  ampo-padded  ampo.trainer, AMPO loss (reference-free), every prompt's K responses in one group, padded forward
+  ampo-packed  the same, packed forward (one row, no padding)
+  ampo-prefix  the same, prefix-shared forward (a prompt's KV computed once for its K responses)
+  ampo-pairs   ampo.trainer, DPO loss, best-vs-worst pairs, packed forward, reference log-probs computed before
   trl-pairs    trl.DPOTrainer, DPO sigmoid loss, the same pairs, reference log-probs precomputed
-Tokens are counted the same way for all three: a forward pre-hook on the trained model adds up the attention mask
-(non-pad tokens) of every forward run with gradients enabled, i.e. the tokens of forward+backward. Time runs from
+Preference signals: a group of K responses gives K-1 (chosen, rejected) pairs, a pair gives 1; "pairs/s" is that
+count over the timed steps per second. Tokens are counted the same way for all: a forward pre-hook on the trained
+model adds up the attention mask (non-pad tokens) of every forward run with gradients enabled, i.e. the tokens of
+forward+backward, each sequence's prompt and response once (the prefix-shared forward's prompt-only pass is not
+counted again: its second pass's mask covers prompt and response). Time runs from
 the end of the first (warm-up) optimizer step to the end of the last, as wall time and as the worker's CPU time
 (one torch thread by default: on a shared machine CPU time is the steadier figure, and repeats keep each trainer's
 best run). bf16 and gradient checkpointing are off on CPU
@@ -41,7 +47,9 @@ SHAPES = {
     "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
                      "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152},
 }
-TRAINERS = ("ampo-groups", "ampo-pairs", "trl-pairs")
+TRAINERS = ("ampo-padded", "ampo-packed", "ampo-prefix", "ampo-pairs", "trl-pairs")
+FORWARD_MODES = {"ampo-padded": "padded", "ampo-packed": "packed", "ampo-prefix": "prefix_shared",
+                 "ampo-pairs": "packed"}
 
 
 # ----------------------------------------------------------------------------- setup (parent process)
@@ -65,7 +73,8 @@ def build_model(path: Path, shape: str, seed: int) -> None:
     tokenizer.save_pretrained(path)
 
 
-def build_groups(n_prompts: int, k: int, words: tuple[int, int], seed: int) -> list[dict]:
+def build_groups(n_prompts: int, k: int, words: tuple[int, int], seed: int,
+                 prompt_words: tuple[int, int] = (8, 24)) -> list[dict]:
     """n_prompts groups of k responses of random length (words), rewards random; the best is chosen."""
     from ampo.models import tiny_corpus
 
@@ -80,7 +89,7 @@ def build_groups(n_prompts: int, k: int, words: tuple[int, int], seed: int) -> l
     for i in range(n_prompts):
         rewards = [round(rng.gauss(0, 1), 4) for _ in range(k)]
         best = max(range(k), key=lambda j: (rewards[j], -j))
-        groups.append({"prompt_id": f"p{i}", "prompt": text(8, 24), "responses": [text(*words) for _ in range(k)],
+        groups.append({"prompt_id": f"p{i}", "prompt": text(*prompt_words), "responses": [text(*words) for _ in range(k)],
                        "rewards": rewards, "chosen": [j == best for j in range(k)]})
     return groups
 
@@ -108,7 +117,8 @@ class TokenCounter:
         import torch
 
         def hook(module, args, kwargs):
-            if torch.is_grad_enabled() and module.training:
+            prompt_pass = kwargs.get("use_cache") is True and kwargs.get("past_key_values") is None  # prefix-shared
+            if torch.is_grad_enabled() and module.training and not prompt_pass:
                 mask = kwargs.get("attention_mask")
                 ids = kwargs.get("input_ids", args[0] if args else None)
                 self.tokens += int(mask.sum()) if mask is not None else ids.numel()
@@ -126,14 +136,15 @@ def run_ampo(work: Path, trainer: str, args) -> dict:
     from ampo.config import RuntimeConfig, TrainConfig
     from ampo.losses import loss_config
     from ampo.reflogps import compute_reference_logps, with_reference
-    from ampo.training_data import Group
+    from ampo.training_data import ForwardOptions, Group
 
     groups = [Group(**g) for g in json.loads((work / "groups.json").read_text())]
     pairs = trainer == "ampo-pairs"
     if pairs:
         groups = [Group(**best_vs_worst(g.__dict__)) for g in groups]
     cfg = TrainConfig(lr=1e-5, groups_per_step=args.batch, grad_accum=1, warmup_ratio=0.0, scheduler="constant",
-                      max_length=args.max_length, max_prompt_length=args.max_length // 2, save_every=10**6)
+                      max_length=args.max_length, max_prompt_length=args.max_length // 2, save_every=10**6,
+                      forward_mode=FORWARD_MODES[trainer])
     runtime = RuntimeConfig(device="auto")
     if pairs:
         groups = with_reference(groups, compute_reference_logps(str(work / "model"), groups, cfg, runtime))
@@ -150,9 +161,9 @@ def run_ampo(work: Path, trainer: str, args) -> dict:
     rss_before = peak_rss_mb()
     result = trainer_module.train(
         str(work / "model"), groups, trainer_module.make_loss_fn(loss_config("dpo" if pairs else "ampo")), cfg,
-        output_dir=work / f"out-{trainer}", runtime=runtime,
+        output_dir=work / f"out-{trainer}", runtime=runtime, options=ForwardOptions(forward_mode=cfg.forward_mode),
         progress=lambda step, total, m: marks.append(counter.mark()))
-    return summarise(marks, rss_before, result.losses)
+    return summarise(marks, rss_before, result.losses, signals_per_step=args.batch * (1 if pairs else args.k - 1))
 
 
 def run_trl(work: Path, args) -> dict:
@@ -184,10 +195,11 @@ def run_trl(work: Path, args) -> dict:
                          processing_class=tokenizer, callbacks=[StepTimer()])
     rss_before = peak_rss_mb()
     out = trainer.train()
-    return summarise(marks, rss_before, [out.training_loss])
+    return summarise(marks, rss_before, [out.training_loss], signals_per_step=args.batch)
 
 
-def summarise(marks: list[tuple[float, float, int, int]], rss_before: float, losses: list[float]) -> dict:
+def summarise(marks: list[tuple[float, float, int, int]], rss_before: float, losses: list[float],
+              signals_per_step: int) -> dict:
     """Tokens/s from the end of the first (warm-up) step to the end of the last: everything in between counts,
     data collation included, for both trainers alike."""
     import torch
@@ -197,6 +209,8 @@ def summarise(marks: list[tuple[float, float, int, int]], rss_before: float, los
     cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return {"steps": len(marks), "timed_steps": len(marks) - 1, "tokens": tokens, "seconds": seconds,
             "tokens_per_s": tokens / seconds, "tokens_per_cpu_s": tokens / cpu_seconds,
+            "pairs_per_s": signals_per_step * (len(marks) - 1) / seconds,
+            "pairs_per_cpu_s": signals_per_step * (len(marks) - 1) / cpu_seconds,
             "tokens_per_step": tokens / max(len(marks) - 1, 1),
             "non_pad_share": tokens / padded,
             "peak_rss_mb": peak_rss_mb(), "rss_before_train_mb": rss_before, "cuda_peak_mb": cuda_peak,
@@ -227,6 +241,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=8, help="responses per group (AMPO: 1 best + 7 negatives)")
     parser.add_argument("--batch", type=int, default=2, help="groups (or pairs) per optimizer step")
     parser.add_argument("--words", type=int, nargs=2, default=(40, 160), help="response length range, words")
+    parser.add_argument("--prompt-words", type=int, nargs=2, default=(8, 24), help="prompt length range, words")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker; 0 = torch's default")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each trainer; the fastest is reported")
@@ -243,7 +258,7 @@ def main() -> None:
         work = Path(tmp)
         t0 = time.perf_counter()
         build_model(work / "model", args.shape, args.seed)
-        groups = build_groups(args.prompts, args.k, tuple(args.words), args.seed)
+        groups = build_groups(args.prompts, args.k, tuple(args.words), args.seed, tuple(args.prompt_words))
         (work / "groups.json").write_text(json.dumps(groups))
         results: dict[str, dict] = {}
         for _ in range(args.repeats):  # interleaved, best of the repeats: a shared machine's load comes and goes
@@ -265,21 +280,25 @@ def print_table(args, results: dict, wall: float) -> None:
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     print(f"\nshape={args.shape} prompts={args.prompts} k={args.k} batch={args.batch} words={args.words} "
+          f"prompt_words={args.prompt_words} load_avg_1m={os.getloadavg()[0]:.1f} "
           f"max_length={args.max_length} threads={args.threads} repeats={args.repeats} device={device} "
           f"python={platform.python_version()} "
           f"torch={torch.__version__} total {wall:.0f} s\n")
     base = results.get("trl-pairs")
     cuda = any(r["cuda_peak_mb"] is not None for r in results.values())
-    head = ("| trainer | timed steps | tokens/step | non-pad share | tokens/s | vs TRL | tokens/CPU-s | vs TRL "
-            "| peak RSS MB | RSS before train MB |")
+    head = ("| trainer | timed steps | tokens/step | non-pad share | tokens/s | vs TRL | pairs/s | vs TRL "
+            "| tokens/CPU-s | vs TRL | pairs/CPU-s | vs TRL | peak RSS MB |")
     print(head + (" CUDA peak MB |" if cuda else ""))
     print("|" + "---|" * (head.count("|") - 1 + cuda))
+
+    def ratio(r: dict, key: str) -> str:
+        return f"{r[key] / base[key]:.2f}x" if base else "-"
+
     for name, r in results.items():
-        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
-        cpu_ratio = f"{r['tokens_per_cpu_s'] / base['tokens_per_cpu_s']:.2f}x" if base else "-"
         row = (f"| {name} | {r['timed_steps']} | {r['tokens_per_step']:.0f} | {r['non_pad_share']:.2f} | "
-               f"{r['tokens_per_s']:.0f} | {ratio} | {r['tokens_per_cpu_s']:.0f} | {cpu_ratio} | "
-               f"{r['peak_rss_mb']:.0f} | {r['rss_before_train_mb']:.0f} |")
+               f"{r['tokens_per_s']:.0f} | {ratio(r, 'tokens_per_s')} | {r['pairs_per_s']:.2f} | "
+               f"{ratio(r, 'pairs_per_s')} | {r['tokens_per_cpu_s']:.0f} | {ratio(r, 'tokens_per_cpu_s')} | "
+               f"{r['pairs_per_cpu_s']:.2f} | {ratio(r, 'pairs_per_cpu_s')} | {r['peak_rss_mb']:.0f} |")
         print(row + (f" {r['cuda_peak_mb']:.0f} |" if cuda else ""))
 
 
