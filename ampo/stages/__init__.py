@@ -24,9 +24,6 @@ from ampo.stages.context import (
     Progress,
     RoundContext,
     fix_start,
-from ampo.store import INDEX_MIN_ROWS, Store
-
-log = logging.getLogger(__name__)
     open_store,
     round_dir,
     run_dir,
@@ -36,6 +33,9 @@ from ampo.stages.data import embed, generate, score, select
 from ampo.stages.gate import StageResult, evaluate, promote
 from ampo.stages.learn import reflogps, train
 from ampo.stages.report import is_reported, mark_reported, round_outcome, write_round_report
+from ampo.store import INDEX_MIN_ROWS, Store
+
+log = logging.getLogger(__name__)
 
 STAGE_FUNCTIONS: dict[str, Callable[[RoundContext], dict | StageResult]] = {
     "generate": generate,
