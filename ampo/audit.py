@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ampo.gates import gate_summary
 from ampo.store import Store
+from ampo.store.pools import split_by_prompt
 
 
 def runs_overview(store: Store) -> list[dict]:
@@ -38,7 +39,7 @@ def runs_overview(store: Store) -> list[dict]:
 def export_groups(store: Store, run: str, round_: int, path: str | Path) -> int:
     """Write the round's selected groups as JSON lines in the released AMPO layout; returns the number of groups."""
     rows = store.read_rows(run, round_, ["prompt_id", "prompt", "response", "reward", "role"]).to_pylist()
-    records = [r for r in (ampo_record(pool) for pool in _pools(rows)) if r is not None]
+    records = [r for r in (ampo_record(pool) for pool in split_by_prompt(rows)) if r is not None]
     if not records:
         what = "no rows" if not rows else "no selected groups"
         raise ValueError(f"run {run!r} round {round_} has {what}; nothing written to {path}")
@@ -49,16 +50,6 @@ def export_groups(store: Store, run: str, round_: int, path: str | Path) -> int:
         f.writelines(json.dumps(record) + "\n" for record in records)
     partial.replace(path)  # a reader never sees half a file
     return len(records)
-
-
-def _pools(rows: list[dict]) -> list[list[dict]]:
-    """Rows sorted by prompt id, cut into one list per prompt (one pass, not one filter per prompt)."""
-    pools: list[list[dict]] = []
-    for row in rows:
-        if not pools or pools[-1][0]["prompt_id"] != row["prompt_id"]:
-            pools.append([])
-        pools[-1].append(row)
-    return pools
 
 
 def ampo_record(pool: list[dict]) -> dict | None:

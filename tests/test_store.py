@@ -515,3 +515,17 @@ def test_read_rows_rejects_unknown_columns(store):
     with pytest.raises(ValueError, match="unknown candidates column"):
         store.read_rows("r", 0, ["id", "score"])
     assert isinstance(store.read_rows("r", 0, ["id"]), pa.Table)
+
+
+def test_prompt_offsets_and_split_by_prompt_cut_sorted_rows_into_runs():
+    import pyarrow as pa
+
+    from ampo.store.pools import prompt_offsets, split_by_prompt
+
+    ids = ["a", "a", "b", "c", "c", "c"]  # runs of 2, 1, 3 -> offsets 0, 2, 3, 6
+    for given in (ids, np.array(ids, dtype=object), pa.chunked_array([ids[:3], ids[3:]])):
+        assert prompt_offsets(given).tolist() == [0, 2, 3, 6]
+    assert prompt_offsets([]).tolist() == [0]
+    rows = [{"prompt_id": p, "i": i} for i, p in enumerate(ids)]
+    assert [[r["i"] for r in pool] for pool in split_by_prompt(rows)] == [[0, 1], [2], [3, 4, 5]]
+    assert split_by_prompt([]) == []

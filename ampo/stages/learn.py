@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from ampo.stages.context import RoundContext, candidate_checkpoint_id, write_json_atomic
+from ampo.store.pools import split_by_prompt
 
 GROUP_COLUMNS = ["id", "prompt_id", "prompt", "response", "reward", "role", "ref_logp_sum", "ref_logp_mean"]
 
@@ -19,7 +20,8 @@ def read_groups(ctx: RoundContext, *, with_reference: bool):
 
     rows = ctx.store.read_rows(ctx.run, ctx.round, GROUP_COLUMNS, selected=True)
     groups, ids = [], []
-    for prompt_id, members in _split_by_prompt(rows):
+    for members in split_by_prompt(rows.to_pylist()):  # sorted by (prompt_id, sample)
+        prompt_id = members[0]["prompt_id"]
         members.sort(key=lambda r: (r["role"] != "chosen", -(r["reward"] or 0.0), r["id"]))
         ref = with_reference and all(r["ref_logp_sum"] is not None for r in members)
         groups.append(Group(prompt_id=prompt_id, prompt=members[0]["prompt"],
@@ -29,18 +31,6 @@ def read_groups(ctx: RoundContext, *, with_reference: bool):
                             ref_logp_mean=[r["ref_logp_mean"] for r in members] if ref else None))  # fmt: skip
         ids.extend(r["id"] for r in members)
     return groups, ids
-
-
-def _split_by_prompt(rows):
-    current, members = None, []
-    for row in rows.to_pylist():  # sorted by (prompt_id, sample)
-        if row["prompt_id"] != current and members:
-            yield current, members
-            members = []
-        current = row["prompt_id"]
-        members.append(row)
-    if members:
-        yield current, members
 
 
 def forward_options(ctx: RoundContext):

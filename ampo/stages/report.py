@@ -8,6 +8,7 @@ from ampo import report
 from ampo.config import RunConfig
 from ampo.gates import history_row
 from ampo.stages.context import open_store, round_dir, write_json_atomic
+from ampo.store.pools import prompt_offsets
 
 MAP_PROMPTS = 4  # prompts drawn in the 2-D embedding map
 REPORTED = "reported.json"  # in the report folder, written after the report's files and artifacts
@@ -37,7 +38,7 @@ def write_round_report(cfg: RunConfig, run: str, round_: int, *, plots: bool = T
     prompt_ids = np.asarray(scored["prompt_id"].to_pylist(), dtype=object)
     rewards = scored["reward"].to_numpy(zero_copy_only=False).astype(float)
     roles = np.asarray(scored["role"].to_pylist(), dtype=object)
-    offsets = np.flatnonzero(np.r_[True, prompt_ids[1:] != prompt_ids[:-1], True]) if len(prompt_ids) else np.zeros(1, int)
+    offsets = prompt_offsets(prompt_ids)  # (P+1,)
     stats = report.selection_stats(offsets, rewards, roles)
     decision = (stages.get("promote") or {}).get("gate")
     markdown = report.markdown_summary(run, round_, stages, stats, decision)

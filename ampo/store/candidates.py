@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import pairwise
 
 import numpy as np
 import pyarrow as pa
@@ -11,7 +12,7 @@ from lancedb.table import Table
 
 from ampo.schema import check_int, make_candidate_model
 from ampo.store import filters
-from ampo.store.pools import Pools, pools_from_arrow
+from ampo.store.pools import Pools, pools_from_arrow, prompt_offsets
 from ampo.store.tables import scan
 
 AUDIT_COLUMNS = ["id", "prompt_id", "sample", "response", "n_tokens", "reward", "reward_parts", "selected", "role",
@@ -105,10 +106,8 @@ class CandidatesView:
         table = table.drop_columns(["_chosen"])
         if len(table) == 0:
             return {}
-        prompt_ids = table["prompt_id"].to_numpy(zero_copy_only=False)
-        starts = np.flatnonzero(np.r_[True, prompt_ids[1:] != prompt_ids[:-1]])
-        ends = list(starts[1:]) + [len(table)]
-        return {prompt_ids[s]: table.slice(s, e - s) for s, e in zip(starts, ends, strict=True)}
+        offsets = prompt_offsets(table["prompt_id"]).tolist()
+        return {table["prompt_id"][s].as_py(): table.slice(s, e - s) for s, e in pairwise(offsets)}
 
     def neighbours(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import pyarrow as pa
@@ -78,8 +79,8 @@ def pools_from_arrow(table: pa.Table, dim: int, n_excluded: int = 0) -> Pools:
     n_excluded += table.num_rows - kept.num_rows
     order = pc.sort_indices(kept, sort_keys=[("prompt_id", "ascending"), ("sample", "ascending")])
     prompt_ids = kept["prompt_id"].take(order)
-    starts = _run_starts(prompt_ids)  # (P,)
-    offsets = np.append(starts, kept.num_rows).astype(np.int64)
+    offsets = prompt_offsets(prompt_ids)  # (P+1,)
+    starts = offsets[:-1]  # (P,)
     order_np = order.to_numpy()
     vectors = (
         vectors_to_numpy(kept["vector"], dim)[order_np] if dim else np.zeros((kept.num_rows, 0), np.float32)
@@ -95,10 +96,19 @@ def pools_from_arrow(table: pa.Table, dim: int, n_excluded: int = 0) -> Pools:
     )
 
 
-def _run_starts(sorted_keys: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """Start index of each run of equal values in a sorted array, (P,) int64."""
-    n = len(sorted_keys)
+def prompt_offsets(sorted_prompt_ids) -> np.ndarray:
+    """(P+1,) int64 offsets of the runs of equal prompt ids in rows sorted by prompt id: prompt p's rows are
+    offsets[p]:offsets[p+1]. The one place rows are split by prompt; takes an arrow array, a numpy array or a list."""
+    keys = sorted_prompt_ids if isinstance(sorted_prompt_ids, pa.Array | pa.ChunkedArray) else pa.array(
+        list(sorted_prompt_ids), pa.string())  # fmt: skip
+    n = len(keys)
     if n == 0:
-        return np.zeros(0, np.int64)
-    changed = pc.not_equal(sorted_keys[1:], sorted_keys[:-1]).to_numpy(zero_copy_only=False)  # (n-1,)
-    return np.concatenate([[0], np.flatnonzero(changed) + 1]).astype(np.int64)
+        return np.zeros(1, np.int64)
+    changed = pc.not_equal(keys[1:], keys[:-1]).to_numpy(zero_copy_only=False)  # (n-1,)
+    return np.concatenate([[0], np.flatnonzero(changed) + 1, [n]]).astype(np.int64)
+
+
+def split_by_prompt(rows: list[dict]) -> list[list[dict]]:
+    """Row dicts sorted by prompt id, cut into one list per prompt."""
+    offsets = prompt_offsets([r["prompt_id"] for r in rows])
+    return [rows[lo:hi] for lo, hi in pairwise(offsets.tolist())]
