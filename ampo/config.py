@@ -186,7 +186,7 @@ class TrainConfig(_Frozen):
     max_prompt_length: int = Field(1800, ge=4)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
     gradient_checkpointing: bool = False
-    forward_mode: Literal["auto", "padded", "packed", "prefix_shared"] = "packed"  # packed: one row, no padding; prefix_shared: a prompt's KV computed once for its K responses; auto: whichever of the two processes fewer tokens
+    forward_mode: Literal["auto", "padded", "packed", "prefix_shared"] = "auto"  # packed: one row, no padding; prefix_shared: a prompt's KV computed once for its K responses; auto: whichever of the two processes fewer tokens
     lora: LoraConfig | None = None
     reference: Literal["champion", "initial"] = "champion"  # whose log-probs the ref stage stores
     save_every: int = Field(200, ge=0)  # optimizer steps between resumable states (and at each epoch's end); 0 = epoch ends only

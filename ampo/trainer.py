@@ -489,7 +489,7 @@ class TrainSpec(BaseModel):
     manifest_extra: dict = {}
     system_prompt: str | None = None
     response_span: ResponseSpan = "generation"
-    forward_mode: ForwardMode = "packed"
+    forward_mode: ForwardMode = "auto"
 
 
 def run_spec(spec: TrainSpec, progress: Callable[[int, int, dict], None] | None = None, *,

@@ -77,7 +77,7 @@ class ForwardOptions:
 
     system_prompt: str | None = None
     response_span: ResponseSpan = "generation"
-    forward_mode: ForwardMode = "packed"  # one row, no padding; "prefix_shared": a prompt's KV computed once for its K responses
+    forward_mode: ForwardMode = "auto"  # prefix_shared where it processes fewer tokens than packed, else packed
 
 
 @dataclass(frozen=True)
