@@ -280,7 +280,8 @@ def test_score_reads_each_prompt_from_its_row_not_from_the_config(tmp_path):
     store.update_candidates(old, instruction_id_list=[None] * len(old), instruction_kwargs=[None] * len(old),
                             reward=[None] * len(old))
     record = run_stage("score", cfg, "rows", 0, force=True)
-    assert record["counts"]["prompts_from_config"] == len(old) == record["counts"]["scored"]
+    assert record["counts"]["prompts_from_config"] == len(old) == record["counts"]["already_scored"]
+    assert record["counts"]["scored"] == 2 * cfg.generation.n  # totals over both attempts
     assert {r["prompt_id"]: r["reward"] for r in store.read_rows("rows", 0, ["prompt_id", "reward"]).to_pylist()} \
         == {"two": 2.0, "one": 1.5}
 
