@@ -47,12 +47,12 @@ def policy_metrics(
     if with_instructions:
         flat = np.array([pair for f in with_instructions for pair in f], dtype=bool)  # (I, 2)
         per_prompt = np.array([np.all(np.array(f, dtype=bool), axis=0) for f in with_instructions])  # (P', 2)
-        extra = dict(
-            instruction_strict=float(flat[:, 0].mean()),
-            instruction_loose=float(flat[:, 1].mean()),
-            prompt_strict=float(per_prompt[:, 0].mean()),
-            prompt_loose=float(per_prompt[:, 1].mean()),
-        )
+        extra = {
+            "instruction_strict": float(flat[:, 0].mean()),
+            "instruction_loose": float(flat[:, 1].mean()),
+            "prompt_strict": float(per_prompt[:, 0].mean()),
+            "prompt_loose": float(per_prompt[:, 1].mean()),
+        }
     return PolicyMetrics(len(rewards), float(rewards.mean()), float(lengths.mean()), **extra)
 
 
@@ -215,10 +215,10 @@ def decide(gates: Gates, evaluation: Evaluation) -> GateDecision:
         raise ValueError(f"the evaluation's bounds were computed with (confidence, bootstrap_samples, bootstrap_seed)"
                          f" = {used}, the gates ask for {wanted}: run the evaluate stage again (force)")  # fmt: skip
     gain = evaluation.difference["mean_reward"]
-    common = dict(mode=gates.mode, confidence=gates.confidence, win_rate=evaluation.win_rate.value,
-                  reward_gain=gain.value, length_ratio=evaluation.length_ratio.value,
-                  intervals={"win_rate": evaluation.win_rate.model_dump(), "reward_gain": gain.model_dump(),
-                             "length_ratio": evaluation.length_ratio.model_dump()})  # fmt: skip
+    common = {"mode": gates.mode, "confidence": gates.confidence, "win_rate": evaluation.win_rate.value,
+                  "reward_gain": gain.value, "length_ratio": evaluation.length_ratio.value,
+                  "intervals": {"win_rate": evaluation.win_rate.model_dump(), "reward_gain": gain.model_dump(),
+                             "length_ratio": evaluation.length_ratio.model_dump()}}  # fmt: skip
     checks = [
         ("win rate", evaluation.win_rate, gates.min_win_rate, True),
         ("reward gain", gain, gates.min_reward_gain, True),
@@ -277,8 +277,8 @@ def evaluation_markdown(metrics: dict | None) -> list[str]:
     if not metrics or "difference" not in metrics:
         return []
     ev = Evaluation.model_validate(metrics)
-    lines = [f"{ev.n_prompts} prompts; [lower, upper] are one-sided {ev.confidence:.0%} bounds of a paired bootstrap "
-             f"({ev.bootstrap_samples} resamples, seed {ev.bootstrap_seed})", "",
+    lines = [(f"{ev.n_prompts} prompts; [lower, upper] are one-sided {ev.confidence:.0%} bounds of a paired bootstrap "
+             f"({ev.bootstrap_samples} resamples, seed {ev.bootstrap_seed})"), "",
              "| metric | champion | candidate | candidate - champion |", "|---|---|---|---|"]  # fmt: skip
     for name, champ in ev.champion.items():
         cand, diff = ev.candidate.get(name), ev.difference.get(name)

@@ -40,7 +40,7 @@ for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "LANCE_LO
                    "TOKENIZERS_PARALLELISM": "false", "VLLM_NO_USAGE_STATS": "1"}.items():  # fmt: skip
     os.environ.setdefault(key, value)
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 ARMS: dict[str, dict] = {  # arm -> config overrides (dotted keys)
     "ampo-coreset": {"selection.method": "coreset", "loss": {"name": "ampo"}},
@@ -294,10 +294,10 @@ def _ci(x: dict | None, signed: bool = False) -> str:
 
 def markdown(summary: dict, profile: Profile, name: str, command: str, meta: dict) -> str:
     lines = [f"# Quality benchmark, profile `{name}`", "", f"Command: `{command}`", "",
-             f"Profile: {profile.note or name}; arms {', '.join(profile.arms)}; {meta.get('cells', 0)} cells "
-             f"finished; wall time {meta.get('seconds', 0):.0f} s (sum over cells); {meta.get('when', '')}.", "",
-             f"Each cell: value [{LEVEL:.0%} paired bootstrap interval over prompts]; rounds count training rounds "
-             "(0 = the untrained base model).", ""]  # fmt: skip
+             (f"Profile: {profile.note or name}; arms {', '.join(profile.arms)}; {meta.get('cells', 0)} cells "
+             f"finished; wall time {meta.get('seconds', 0):.0f} s (sum over cells); {meta.get('when', '')}."), "",
+             (f"Each cell: value [{LEVEL:.0%} paired bootstrap interval over prompts]; rounds count training rounds "
+             "(0 = the untrained base model)."), ""]  # fmt: skip
     if not summary:
         return "\n".join(lines + ["No finished cell yet."]) + "\n"
     sources = sorted(summary[BASE][-1])

@@ -136,8 +136,8 @@ def _evaluation(win: Interval, gain: Interval, ratio: Interval, unchanged: bool 
                       mean_length={"candidate": 10.0, "champion": 10.0})
 
 
-IV = lambda v, lo, hi: Interval(value=v, lower=lo, upper=hi)  # noqa: E731
-NEUTRAL = dict(gain=IV(0.0, -0.1, 0.1), ratio=IV(1.0, 0.9, 1.1))
+IV = lambda v, lo, hi: Interval(value=v, lower=lo, upper=hi)
+NEUTRAL = {"gain": IV(0.0, -0.1, 0.1), "ratio": IV(1.0, 0.9, 1.1)}
 
 
 def test_default_mode_is_non_inferiority_at_90_percent():
@@ -169,13 +169,14 @@ def test_length_ratio_and_reward_gain_gates_by_mode():
     # lower > 2 (passes). 2.3 [2.1, 2.5]: lower 2.1 > 2 -> both fail
     long = _evaluation(win, IV(0.0, -0.1, 0.1), IV(1.9, 1.7, 2.1))
     longer = _evaluation(win, IV(0.0, -0.1, 0.1), IV(2.3, 2.1, 2.5))
-    only_length = dict(min_win_rate=None, max_length_ratio=2.0)
+    only_length = {"min_win_rate": None, "max_length_ratio": 2.0}
     assert not decide(Gates(mode="superiority", **only_length), long).passed
     assert decide(Gates(mode="non_inferiority", **only_length), long).passed
     assert not decide(Gates(mode="non_inferiority", **only_length), longer).passed
     # reward gain 0.02 [-0.01, 0.05]: min 0 -> superiority fails (lower -0.01), non-inferiority passes;
-    # a margin as the threshold: non-inferiority with min -0.02 passes too; gain -0.1 [-0.15, -0.05] fails it
-    gain = dict(min_win_rate=None, max_length_ratio=None)
+    # a margin as the threshold: superiority with min -0.02 passes (lower -0.01 > -0.02); gain -0.1 [-0.15, -0.05]
+    # fails non-inferiority with min -0.02 (upper -0.05 < -0.02)
+    gain = {"min_win_rate": None, "max_length_ratio": None}
     small = _evaluation(win, IV(0.02, -0.01, 0.05), IV(1.0, 1.0, 1.0))
     worse = _evaluation(win, IV(-0.1, -0.15, -0.05), IV(1.0, 1.0, 1.0))
     assert not decide(Gates(mode="superiority", min_reward_gain=0.0, **gain), small).passed
