@@ -126,10 +126,13 @@ def make_config(profile: Profile, out: Path, seed: int, arm: str | None, extra: 
 
 def stratified_ifbench(n: int) -> list:
     """n IFBench test prompts, round-robin over the category of their first instruction (sorted), in file order
-    within a category: every category is represented before any gets a second prompt."""
+    within a category: every category is represented before any gets a second prompt. Prompts carrying an
+    instruction whose checker cannot run here (missing NLTK data) are left out, as the `ifbench` source does."""
     from ampo.prompts import ifbench_test_prompts
+    from ampo.rewards.verifiable import unsupported_instructions
 
-    prompts = ifbench_test_prompts()
+    unsupported = unsupported_instructions()
+    prompts = [p for p in ifbench_test_prompts() if not unsupported.keys() & set(p.instruction_id_list)]
     if not 0 < n <= len(prompts):
         raise ValueError(f"ifbench subset size {n} must be in 1..{len(prompts)}")
     by_cat: dict[str, list] = {}

@@ -85,7 +85,10 @@ def eval_cache_path(ctx: RoundContext, policy: dict, prompts: list | None = None
     from ampo.stages.context import run_dir
 
     if prompts is None:
-        prompts = [p for source in eval_prompts(ctx.cfg.eval, ctx.cfg.prompts).values() for p in source]
+        from ampo.rewards.verifiable import unsupported_instructions
+
+        by_source = eval_prompts(ctx.cfg.eval, ctx.cfg.prompts, unsupported=unsupported_instructions())
+        prompts = [p for source in by_source.values() for p in source]  # as evaluate takes them
     name = f"{policy['id']}-{_weights_fingerprint(policy['path'])}-{_eval_key(ctx, prompts)}.json"
     return run_dir(ctx.cfg, ctx.run) / "eval-cache" / name
 
