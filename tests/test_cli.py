@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_runner import cli
 
 from ampo.config import load_config
 from ampo.models import resolve_policy
@@ -26,20 +27,6 @@ def write_config(tmp_path, cfg) -> Path:
     path = tmp_path / "cfg.json"
     path.write_text(cfg.model_dump_json())
     return path
-
-
-def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """`ampo <args>` through the real entry point in this process: exit status, stdout, stderr."""
-    from ampo.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["ampo", *map(str, args)])
-    try:
-        main()
-        status = 0
-    except SystemExit as exit_:
-        status = exit_.code if isinstance(exit_.code, int) else 1
-    out = capsys.readouterr()
-    return status, out.out, out.err
 
 
 def one_line(err: str) -> str:

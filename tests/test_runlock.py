@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_runner import cli
 
 from ampo.runlock import RunLockedError, lock_path, run_lock
 
@@ -185,17 +186,3 @@ def test_rollback_and_promote_take_the_run_lock(tmp_path, monkeypatch, capsys):
         holder.wait()
     assert status == 0 and out.strip() == "run r: rolled back to r-init"
     assert store.champion("r")["id"] == "r-init"
-
-
-def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """`ampo <args>` through the real entry point in this process: exit status, stdout, stderr."""
-    from ampo.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["ampo", *map(str, args)])
-    try:
-        main()
-        status = 0
-    except SystemExit as exit_:
-        status = exit_.code if isinstance(exit_.code, int) else 1
-    out = capsys.readouterr()
-    return status, out.out, out.err

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_runner import cli as _cli
 
 from ampo.config import load_config
 from ampo.stages import STAGES, next_round, run_stage
@@ -184,20 +185,6 @@ def test_a_killed_generate_stage_resumes_without_duplicates(tmp_path):
     assert record["counts"]["prompts_already_done"] == partial // cfg.generation.n
     ids = store.read_rows("k", 0, ["id"])["id"].to_pylist()
     assert len(ids) == len(set(ids)) == 40 * cfg.generation.n
-
-
-def _cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """`ampo <args>` through the real entry point in this process: exit status, stdout, stderr."""
-    from ampo.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["ampo", *map(str, args)])
-    try:
-        main()
-        status = 0
-    except SystemExit as exit_:
-        status = exit_.code if isinstance(exit_.code, int) else 1
-    out = capsys.readouterr()
-    return status, out.out, out.err
 
 
 def test_cli_export_audit_and_bad_input(finished_round, tmp_path, monkeypatch, capsys):
