@@ -75,7 +75,9 @@ def train(ctx: RoundContext) -> dict:
     cfg = ctx.cfg
     groups, _ = read_groups(ctx, with_reference=True)
     if not groups:
-        raise ValueError(f"run {ctx.run!r} round {ctx.round} has no selected groups to train on")
+        raise ValueError(f"run {ctx.run!r} round {ctx.round} has no selected groups to train on: every pool was "
+                         f"skipped at select (see its counts: skipped_no_spread, skipped_low_potential); sample "
+                         f"more responses or prompts, or lower selection.min_reward_spread")
     if cfg.loss.spec.needs_ref and any(g.ref_logp_sum is None for g in groups):
         raise ValueError(f"loss {cfg.loss.name!r} needs reference log-probs; run the reflogps stage first (with "
                          f"--force if it ran, and was skipped, under a reference-free loss)")
