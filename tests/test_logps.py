@@ -207,13 +207,17 @@ def test_prefix_shared_forward_equals_padded(model, tokenizer, examples):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_prefix_shared_gradients_equal_padded(model, tokenizer, examples):
-    def grads(mode):
-        model.zero_grad()
-        group_logps(model, examples, pad_token_id=tokenizer.pad_token_id, forward_mode=mode).mean.sum().backward()
-        return [p.grad.clone() for p in model.parameters()]
+def _grads(model, tokenizer, examples, mode) -> list:
+    """Parameter gradients of the summed mean log-probs under forward `mode`."""
+    model.zero_grad()
+    group_logps(model, examples, pad_token_id=tokenizer.pad_token_id, forward_mode=mode).mean.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    return grads
 
-    for a, b in zip(grads("padded"), grads("prefix_shared")):
+
+def test_prefix_shared_gradients_equal_padded(model, tokenizer, examples):
+    for a, b in zip(_grads(model, tokenizer, examples, "padded"), _grads(model, tokenizer, examples, "prefix_shared")):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
     model.zero_grad()
 
@@ -262,12 +266,7 @@ def test_packed_forward_without_logits_to_keep_equals_padded(model, tokenizer, e
 
 
 def test_packed_gradients_equal_padded(model, tokenizer, examples):
-    def grads(mode):
-        model.zero_grad()
-        group_logps(model, examples, pad_token_id=tokenizer.pad_token_id, forward_mode=mode).mean.sum().backward()
-        return [p.grad.clone() for p in model.parameters()]
-
-    for a, b in zip(grads("padded"), grads("packed")):
+    for a, b in zip(_grads(model, tokenizer, examples, "padded"), _grads(model, tokenizer, examples, "packed")):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     model.zero_grad()
 
