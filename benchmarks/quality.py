@@ -184,7 +184,7 @@ def share_round0(pool_cfg, arm_cfg, seed: int, arm: str) -> None:
 def _base_cache(arm_cfg, run: str):
     """(context, path) of the evaluation cache of the run's initial policy, the base model."""
     from ampo.stages.context import RoundContext, open_store
-    from ampo.stages.gate import eval_cache_path
+    from ampo.stages.evaluate import eval_cache_path
 
     ctx = RoundContext(arm_cfg, run, 0, open_store(arm_cfg))
     return eval_cache_path(ctx, ctx.initial)

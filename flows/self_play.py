@@ -13,7 +13,7 @@ from prefect import flow
 from ampo import stages
 from ampo.config import RunConfig, RunId, validate_run_id
 from ampo.runlock import run_lock
-from tasks.stages import STAGE_TASKS, report
+from tasks.stage_tasks import STAGE_TASKS, report
 
 
 @flow(name="self-play-round", log_prints=True, validate_parameters=True)

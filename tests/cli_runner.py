@@ -5,7 +5,7 @@ import sys
 
 def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     """Run `ampo <args>`: exit status, stdout, stderr."""
-    from ampo.cli import main
+    from flows.cli import main
 
     monkeypatch.setattr(sys, "argv", ["ampo", *map(str, args)])
     try:

@@ -163,7 +163,7 @@ def test_truncated_safetensors_are_named(tmp_path, monkeypatch, capsys, truncate
 def test_ampo_round_failure_is_one_line_without_prefects_traceback(tmp_path, truncated_policy):
     """A failed flow run: Prefect's log lines stay, its tracebacks do not; the last line is the error."""
     cfg = smoke_config(tmp_path, **{"policy": str(truncated_policy), "prompts.per_round": 1})
-    cmd = [sys.executable, "-m", "ampo.cli", "round", "-c", str(write_config(tmp_path, cfg)), "-r", "t"]
+    cmd = [sys.executable, "-m", "flows.cli", "round", "-c", str(write_config(tmp_path, cfg)), "-r", "t"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect")}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env, check=False)

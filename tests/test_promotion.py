@@ -12,7 +12,7 @@ from ampo.config import load_config
 from ampo.stages import STAGES, run_stage
 from ampo.stages.context import open_store
 from ampo.store import Store
-from ampo.store import checkpoints as registry
+from ampo.store import checkpoint_records as registry
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "infra" / "configs" / "smoke.yaml"
@@ -100,7 +100,7 @@ def test_rounds_run_in_order(tmp_path, monkeypatch, capsys):
     assert open_store(cfg).stage_status("o", 1) == {}  # refused before anything was recorded
     config = tmp_path / "cfg.json"
     config.write_text(cfg.model_dump_json())
-    from ampo.cli import main
+    from flows.cli import main
 
     monkeypatch.setattr(sys, "argv", ["ampo", "round", "-c", str(config), "-r", "o", "--round", "99"])
     with pytest.raises(SystemExit) as exit_:

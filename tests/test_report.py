@@ -112,7 +112,7 @@ def test_plots_artifact_embeds_each_png_as_a_data_uri(tmp_path):
     import base64
     import re
 
-    from tasks.stages import plots_markdown
+    from tasks.stage_tasks import plots_markdown
 
     rng = np.random.default_rng(2)
     paths = [str(report.plot_reward_distribution(rng.normal(size=30), rng.normal(size=6), tmp_path / "rewards.png")),
@@ -127,7 +127,7 @@ def test_plots_artifact_embeds_each_png_as_a_data_uri(tmp_path):
 
 
 def test_metric_rows_flatten_nested_metrics():
-    from tasks.stages import metric_rows
+    from tasks.stage_tasks import metric_rows
 
     metrics = {"n_prompts": 6, "win_rate": {"value": 0.5, "lower": 0.24999999999999997}, "bounds": [0.1, 0.2]}
     assert metric_rows(metrics) == [{"metric": "n_prompts", "value": 6}, {"metric": "win_rate.value", "value": 0.5},

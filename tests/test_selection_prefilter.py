@@ -11,7 +11,6 @@ from ampo.schema import candidate_id
 from ampo.selection import pair_margins
 from ampo.selection.prefilter import (
     informative,
-    pool_pair_margins,
     potential_mask,
     potential_scores,
     reward_spread,
@@ -39,16 +38,16 @@ def test_informative_threshold_uniform_spread_and_exactly_at_it():
         informative(rewards, lengths, -1)
 
 
-def test_pool_pair_margins_equal_pair_margins_pool_by_pool():
+def test_pair_margins_of_padded_pools_equal_each_pool_alone():
     rng = np.random.default_rng(0)
     rewards, logps = np.round(rng.standard_normal((20, 7)), 1), rng.standard_normal((20, 7))  # rounded: ties
-    full = pool_pair_margins(rewards, logps, np.full(20, 7))
+    full = pair_margins(rewards, logps, np.full(20, 7))
     for key, value in pair_margins(rewards, logps).items():
         np.testing.assert_array_equal(full[key], value)
     lengths = rng.integers(2, 8, 20)
     padded_r, padded_l = rewards.copy(), logps.copy()
     padded_r[np.arange(7) >= lengths[:, None]] = NAN  # padding is never read
-    varying = pool_pair_margins(padded_r, padded_l, lengths)
+    varying = pair_margins(padded_r, padded_l, lengths)
     for p, n in enumerate(lengths):
         one = pair_margins(rewards[p : p + 1, :n], logps[p : p + 1, :n])
         assert {key: value[p] for key, value in varying.items()} == {key: value[0] for key, value in one.items()}

@@ -169,7 +169,7 @@ def test_a_killed_generate_stage_resumes_without_duplicates(tmp_path):
     cfg = smoke_config(tmp_path, **{"prompts.per_round": 40, "generation.batch_size": 4})
     config = tmp_path / "cfg.json"
     config.write_text(cfg.model_dump_json())
-    cmd = [sys.executable, "-m", "ampo.cli", "stage", "generate", "-c", str(config), "-r", "k", "--round", "0"]
+    cmd = [sys.executable, "-m", "flows.cli", "stage", "generate", "-c", str(config), "-r", "k", "--round", "0"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     store = open_store(cfg)

@@ -54,12 +54,21 @@ def top_fraction(scores, fraction: float) -> np.ndarray:
     return np.argsort(s, kind="stable")[len(s) - keep :]
 
 
-def pair_margins(rewards, logps) -> dict[str, np.ndarray]:
+def pool_mask(shape: tuple[int, int], lengths) -> np.ndarray:
+    """(P, Nmax) True on the real responses of each pool (pool i is the first lengths[i] entries of its row)."""
+    lengths = np.asarray(lengths)
+    if lengths.shape != (shape[0],) or (lengths < 1).any() or (lengths > shape[1]).any():
+        raise ValueError(f"lengths must be {shape[0]} ints in [1, {shape[1]}]; got {lengths!r:.80}")
+    return np.arange(shape[1]) < lengths[:, None]
+
+
+def pair_margins(rewards, logps, lengths=None) -> dict[str, np.ndarray]:
     """Best-vs-worst pair of each pool and its two margins (spec 4.2 step 5). (P, N), (P, N) -> (P,) each.
 
     chosen = argmax reward, rejected = argmin reward among the others; ties to the lowest index (the
     reference's argsort takes the last tied maximum, spec A14). rm_margin = max - min >= 0;
     logp_margin_abs = |logp_c - logp_r| with logps the length-normalised log-probs logp_bar.
+    Pools of varying size: rows padded to the largest, `lengths` (P,) the size of each (the padding is never read).
     """
     r = np.asarray(rewards, dtype=np.float64)
     lp = np.asarray(logps, dtype=np.float64)
@@ -67,11 +76,17 @@ def pair_margins(rewards, logps) -> dict[str, np.ndarray]:
         raise ValueError(
             f"rewards and logps must both have shape (P, N) with N >= 2; got {r.shape} and {lp.shape}"
         )
-    if not (np.isfinite(r).all() and np.isfinite(lp).all()):
-        raise ValueError("rewards and logps must be finite; found nan or inf")
+    mask = np.ones(r.shape, dtype=bool) if lengths is None else pool_mask(r.shape, lengths)
+    short = np.flatnonzero(mask.sum(axis=1) < 2)
+    if short.size:
+        raise ValueError(f"every pool needs at least 2 responses; pool {int(short[0])} has 1")
+    bad = ~(np.isfinite(r) & np.isfinite(lp)) & mask
+    if bad.any():
+        p, i = (int(v) for v in np.argwhere(bad)[0])
+        raise ValueError(f"pool {p}: rewards and logps must be finite; reward {r[p, i]}, logp {lp[p, i]} at {i}")
     rows = np.arange(len(r))
-    chosen = r.argmax(axis=1)
-    others = r.copy()
+    chosen = np.where(mask, r, -np.inf).argmax(axis=1)
+    others = np.where(mask, r, np.inf)
     others[rows, chosen] = np.inf
     rejected = others.argmin(axis=1)
     return {

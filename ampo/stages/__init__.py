@@ -23,6 +23,7 @@ from ampo.schema import STAGES, check_int
 from ampo.stages.context import (
     Progress,
     RoundContext,
+    StageResult,
     fix_start,
     open_store,
     round_dir,
@@ -30,8 +31,9 @@ from ampo.stages.context import (
     write_json_atomic,
 )
 from ampo.stages.data import embed, generate, score, select
-from ampo.stages.gate import StageResult, evaluate, promote
+from ampo.stages.evaluate import evaluate
 from ampo.stages.learn import reflogps, train
+from ampo.stages.promote import promote
 from ampo.stages.report import is_reported, mark_reported, round_outcome, write_round_report
 from ampo.store import INDEX_MIN_ROWS, Store
 
@@ -109,14 +111,14 @@ def optimize_store(store: Store) -> list[str] | None:
 
 
 def run_stage_isolated(name: str, cfg: RunConfig, run: str, round_: int, *, progress: Progress | None = None) -> dict:
-    """`run_stage`, in a child process (`ampo stage ...`) when cfg.runtime.stage_isolation is "subprocess"."""
+    """`run_stage`, in a child process (`python -m ampo.stages.child`) when cfg.runtime.stage_isolation is "subprocess"."""
     if cfg.runtime.stage_isolation == "inprocess" or name not in ISOLATED_STAGES:
         return run_stage(name, cfg, run, round_, progress=progress)
     store = open_store(cfg)
     if store.is_done(run, round_, name):
         return {**store.stage_status(run, round_)[name], "skipped": True}
     config_path = write_json_atomic(run_dir(cfg, run) / "config.json", cfg.model_dump(mode="json"))
-    cmd = [sys.executable, "-m", "ampo.cli", "stage", name, "--config", str(config_path), "--run", run,
+    cmd = [sys.executable, "-m", "ampo.stages.child", name, "--config", str(config_path), "--run", run,
            "--round", str(round_)]  # fmt: skip
     lock_fd = held_lock_fd(run)  # the child shares the run's lock: it stays locked while the child lives
     env = None if lock_fd is None else {**os.environ, INHERITED_ENV: run}

@@ -131,3 +131,12 @@ def write_json_atomic(path: Path, data: dict) -> Path:
     from ampo.checkpoints import write_json_atomic
 
     return write_json_atomic(path, data)
+
+
+@dataclass
+class StageResult:
+    """What a stage reports beyond its counts: the gate decision of the promote stage."""
+
+    counts: dict
+    metrics: dict = field(default_factory=dict)
+    gate: dict | None = None

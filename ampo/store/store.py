@@ -27,7 +27,7 @@ from ampo.schema import (
     check_round,
     make_candidate_model,
 )
-from ampo.store import checkpoints, filters, stages
+from ampo.store import checkpoint_records, filters, stage_records
 from ampo.store.candidates import CandidatesView
 from ampo.store.rows import Rows, to_table
 from ampo.store.tables import open_table, scan, upsert
@@ -59,7 +59,7 @@ class Store:
 
     Its methods are the whole API: no caller reads a table itself. The parts it is made of: `latest`, a
     CandidatesView of the candidates table (the reads below run on it; `checkout_round` gives one at a tag), and the
-    `rounds` and `checkpoints` tables, through ampo.store.stages and ampo.store.checkpoints.
+    `rounds` and `checkpoints` tables, through ampo.store.stage_records and ampo.store.checkpoint_records.
     """
 
     def __init__(self, uri: str, dim: int = EMBED_DIM, *, storage_options: dict | None = None):
@@ -166,11 +166,11 @@ class Store:
     # -- stages (the `rounds` table) ---------------------------------------------------------------------------
 
     def stage_started(self, run: str, round: int, stage: str) -> None:
-        stages.stage_started(self.rounds, run, round, stage)
+        stage_records.stage_started(self.rounds, run, round, stage)
 
     def stage_done(self, run: str, round: int, stage: str, counts: dict, seconds: float, **extra) -> dict:
         """Completion record of a stage, written last with the candidates version; extra: metrics, gate, message."""
-        return stages.stage_done(
+        return stage_records.stage_done(
             self.rounds,
             run,
             round,
@@ -182,17 +182,17 @@ class Store:
         )
 
     def stage_failed(self, run: str, round: int, stage: str, message: str) -> None:
-        stages.stage_failed(self.rounds, run, round, stage, message)
+        stage_records.stage_failed(self.rounds, run, round, stage, message)
 
     def stage_status(self, run: str, round: int) -> dict[str, dict]:
-        return stages.stage_status(self.rounds, run, round)
+        return stage_records.stage_status(self.rounds, run, round)
 
     def is_done(self, run: str, round: int, stage: str) -> bool:
-        return stages.is_done(self.rounds, run, round, stage)
+        return stage_records.is_done(self.rounds, run, round, stage)
 
     def stage_records(self, run: str | None = None) -> list[dict]:
         """Every stage record (JSON fields decoded) of one run, or of all runs, sorted by (run, round)."""
-        return stages.stage_records(self.rounds, run)
+        return stage_records.stage_records(self.rounds, run)
 
     # -- tags: a round's data, pinned ----------------------------------------------------------------------------
 
@@ -221,19 +221,19 @@ class Store:
     # -- checkpoints --------------------------------------------------------------------------------------------
 
     def upsert_checkpoint(self, record: Mapping) -> int:
-        return checkpoints.upsert_checkpoint(self.checkpoints, record)
+        return checkpoint_records.upsert_checkpoint(self.checkpoints, record)
 
     def get_checkpoint(self, checkpoint_id: str) -> dict | None:
-        return checkpoints.get_checkpoint(self.checkpoints, checkpoint_id)
+        return checkpoint_records.get_checkpoint(self.checkpoints, checkpoint_id)
 
     def list_checkpoints(self, run: str | None = None) -> list[dict]:
-        return checkpoints.list_checkpoints(self.checkpoints, run)
+        return checkpoint_records.list_checkpoints(self.checkpoints, run)
 
     def champion(self, run: str) -> dict | None:
-        return checkpoints.champion(self.checkpoints, run)
+        return checkpoint_records.champion(self.checkpoints, run)
 
-    def set_champion(self, run: str, checkpoint_id: str, *, expected=checkpoints.ANY) -> int:
-        return checkpoints.set_champion(self.checkpoints, run, checkpoint_id, expected=expected)
+    def set_champion(self, run: str, checkpoint_id: str, *, expected=checkpoint_records.ANY) -> int:
+        return checkpoint_records.set_champion(self.checkpoints, run, checkpoint_id, expected=expected)
 
     # -- maintenance ---------------------------------------------------------------------------------------------
 

@@ -1,25 +1,17 @@
-"""The last stages of a round: evaluate the candidate against the champion, then promote or reject it by the gates."""
+"""The evaluate stage: the candidate and the champion answer the held-out prompts, both are scored with the same
+rewards, and `ampo.gates.compare` measures the difference with paired-bootstrap intervals (stored as the stage's
+metrics, which the promote stage reads)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ampo.gates import Answers, Evaluation, compare, decide
-from ampo.stages.context import RoundContext, candidate_checkpoint_id, write_json_atomic
-
-
-@dataclass
-class StageResult:
-    """What a stage reports beyond its counts: the gate decision of the promote stage."""
-
-    counts: dict
-    metrics: dict = field(default_factory=dict)
-    gate: dict | None = None
+from ampo.gates import Answers, compare
+from ampo.stages.context import RoundContext, StageResult, candidate_checkpoint_id, write_json_atomic
 
 
 def evaluate(ctx: RoundContext) -> StageResult:
@@ -127,27 +119,3 @@ def _answers(outputs: dict, prompts: list) -> Answers:
     followed = [[tuple(pair) for pair in f] for f in outputs["followed"]]
     return Answers(list(outputs["responses"]), np.array(outputs["rewards"], float), np.array(outputs["lengths"], float),
                    followed)
-
-
-def promote(ctx: RoundContext) -> StageResult:
-    """Apply the gates to the evaluation; promote the candidate (one commit) or mark it rejected. Tags the round."""
-    record = ctx.store.stage_status(ctx.run, ctx.round).get("evaluate")
-    if record is None or record["status"] != "done":
-        raise ValueError(f"run {ctx.run!r} round {ctx.round}: the evaluate stage has not finished")
-    m = record["metrics"]
-    if "difference" not in m:
-        raise ValueError(f"run {ctx.run!r} round {ctx.round}: the evaluate record predates intervals; run the evaluate"
-                         f" stage again (force) to compute them")  # fmt: skip
-    decision = decide(ctx.cfg.eval.gates, Evaluation.model_validate(m))
-    ckpt_id = candidate_checkpoint_id(ctx.run, ctx.round)
-    ctx.store.upsert_checkpoint({"id": ckpt_id, "metrics": {**m, "gate": decision.as_dict()}})
-    if decision.passed:
-        from ampo.checkpoints import resolve_checkpoint
-
-        resolve_checkpoint(ctx.store.get_checkpoint(ckpt_id))  # never champion a folder without its manifest
-        ctx.store.set_champion(ctx.run, ckpt_id, expected=ctx.start["id"])  # the champion the gate compared with
-    elif ctx.store.get_checkpoint(ckpt_id)["status"] != "champion":
-        ctx.store.upsert_checkpoint({"id": ckpt_id, "status": "rejected"})
-    champion = ctx.store.champion(ctx.run)["id"]
-    tag = ctx.store.tag_round(ctx.run, ctx.round)
-    return StageResult({"promoted": int(decision.passed), "champion": champion, "tag": tag}, gate=decision.as_dict())

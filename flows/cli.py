@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import sys
 from contextlib import contextmanager
@@ -12,6 +11,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from ampo.errors import debug_enabled, error_line
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "infra" / "configs" / "demo.yaml"
@@ -119,23 +120,9 @@ def stage(
     overrides: SetOpt = None,
 ) -> None:
     """Run one stage of one round in this process (no Prefect), then exit."""
-    from ampo.progress import terminal_progress
-    from ampo.runlock import stage_lock
-    from ampo.stages import TRANSIENT_EXIT, is_transient, run_stage
+    from ampo.stages.child import run_stage_command
 
-    cfg = _config(config, overrides)
-    progress = terminal_progress()
-    try:
-        with stage_lock(cfg.store.uri, run):  # the parent flow's lock when it launched this process
-            record = run_stage(name, cfg, run, round_, force=force, progress=progress)
-    except Exception as exc:
-        if is_transient(exc):  # the parent flow's retry policy sees this exit status
-            typer.echo(f"error (transient): {exc}", err=True)
-            sys.exit(TRANSIENT_EXIT)
-        raise
-    finally:
-        if progress is not None:
-            progress.close()
+    record = run_stage_command(name, _config(config, overrides), run, round_, force=force)
     state = "already done (skipped)" if record["skipped"] else f"done in {record['seconds']:.1f}s"
     typer.echo(f"{name} r{round_}: {state} {json.dumps(record['counts'])}")
 
@@ -391,7 +378,7 @@ def main() -> None:
     try:
         app()
     except Exception as exc:  # noqa: BLE001 - every error ends as one line; the traceback is behind --debug
-        if _debug():
+        if debug_enabled():
             import traceback
 
             traceback.print_exc()
@@ -400,30 +387,6 @@ def main() -> None:
 
 
 _STORE_URI: dict[str, str] = {}  # the store of the config this command read, named in errors the store raises
-EXPECTED_ERRORS = ("ValueError", "FileNotFoundError", "RunLockedError", "StageProcessError", "RewardFunctionError")
-LANCE_IO = re.compile(r"lance error: LanceError\(IO\): (?P<what>.*?)(?:, /\S+\.rs:\d+:\d+)?$", re.DOTALL)
-
-
-def error_line(exc: BaseException, store_uri: str | None = None) -> str:
-    """The one line an error prints: its message for errors ampo raises on purpose, the path and the reason for
-    I/O errors (a file, a read-only or full disk), the exception type and message for anything else."""
-    text = str(exc)
-    if isinstance(exc, OSError) and exc.strerror and (exc.filename or exc.filename2):
-        paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p)
-        text = f"{paths}: {exc.strerror}"
-    elif isinstance(exc, OSError) and exc.strerror:
-        text = f"{exc.strerror} (errno {exc.errno})" + (f"; store {store_uri}" if store_uri else "")
-    elif (match := LANCE_IO.match(text)) is not None:
-        text = f"store {store_uri or '?'}: cannot write: {match['what']}"
-    elif not any(t.__name__ in EXPECTED_ERRORS for t in type(exc).__mro__):
-        text = f"{type(exc).__name__}: {text} (run with --debug for the traceback)"
-    return " ".join(text.split())
-
-
-def _debug() -> bool:
-    return os.environ.get("AMPO_DEBUG", "") not in ("", "0")
-
-
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="print the full traceback of an error")] = False):
     if debug:
@@ -437,7 +400,7 @@ def _quiet_prefect_tracebacks() -> None:
 
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    if _debug():
+    if debug_enabled():
         return
     for name in (None, "prefect", "prefect.flow_runs", "prefect.task_runs"):
         for handler in logging.getLogger(name).handlers:

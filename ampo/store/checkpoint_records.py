@@ -1,6 +1,6 @@
 """The `checkpoints` table: typed upsert and reads, and the one-commit champion swap.
 
-Promotion logic (gates) lives in ampo.registry / ampo.evaluation; this module only keeps the invariant that a run
+Promotion logic lives in ampo.gates and ampo.stages.promote; this module only keeps the invariant that a run
 has at most one champion: status "champion" is written only by `set_champion`, whose single merge_insert promotes
 the new checkpoint and retires the old champion in the same commit.
 """
