@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name")
     parser.add_argument("--config", required=True, help="the run config (YAML or JSON) the parent wrote")
     parser.add_argument("--run", required=True)
-    parser.add_argument("--round", type=int, required=True, dest="round_")
+    parser.add_argument("--round", type=int, required=True, dest="round_", metavar="N")
     args = parser.parse_args(argv)
     store_uri = None
     try:
