@@ -173,7 +173,7 @@ def test_a_killed_generate_stage_resumes_without_duplicates(tmp_path):
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     store = open_store(cfg)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600  # the first batch; a loaded machine can take minutes to start the child
     while store.count("k", 0) == 0 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
