@@ -139,6 +139,24 @@ def credential_keys(options: dict) -> list[str]:
                   and not k.lower().endswith(("_file", "_path")))
 
 
+CREDENTIAL_ENV_PREFIXES = ("aws_", "google_", "azure_")  # the variables LanceDB (object_store) and boto3 read
+
+
+def credential_env(credentials: dict) -> dict[str, str]:
+    """A mapping of credentials (a Prefect Secret's value: {"aws_access_key_id": ..., ...}) as the environment
+    variables LanceDB and boto3 read: each name upper-cased (AWS_ACCESS_KEY_ID). Names must start with aws_,
+    google_ or azure_, values must be strings."""
+    if not isinstance(credentials, dict):
+        raise ValueError(f"object-store credentials must be a mapping of names to strings, got "
+                         f"{type(credentials).__name__}")
+    bad = sorted(k for k, v in credentials.items()
+                 if not (isinstance(k, str) and k.lower().startswith(CREDENTIAL_ENV_PREFIXES) and isinstance(v, str)))
+    if bad:
+        raise ValueError(f"object-store credentials {bad}: each name must start with one of "
+                         f"{list(CREDENTIAL_ENV_PREFIXES)} (e.g. aws_access_key_id) and each value be a string")
+    return {k.upper(): v for k, v in credentials.items()}
+
+
 def storage_option_strings(options: dict) -> dict[str, str]:
     """Storage options as LanceDB takes them: every value a string, booleans as "true"/"false"."""
     return {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in options.items()}
