@@ -78,9 +78,8 @@ def one_writer(config: RunConfig, run_id: str, wait_s: float = 0.0) -> Iterator[
     which excludes flow runs on every machine that talks to that server. Each waits up to what is left of `wait_s`,
     then refuses with RunLockedError. With Prefect's temporary server (no PREFECT_API_URL) only the file lock."""
     start = time.monotonic()
-    with run_lock(config.store.uri, run_id, wait_s=wait_s):
-        with run_slot(run_id, max(0.0, wait_s - (time.monotonic() - start))):
-            yield
+    with run_lock(config.store.uri, run_id, wait_s=wait_s), run_slot(run_id, max(0.0, wait_s - (time.monotonic() - start))):
+        yield
 
 
 @contextmanager
@@ -89,7 +88,10 @@ def run_slot(run_id: str, wait_s: float = 0.0) -> Iterator[None]:
 
     The slot is a lease renewed in the background; a holder killed without releasing it frees it RUN_SLOT_LEASE_S
     after its last renewal. No-op with the temporary server, whose database only this process sees."""
-    from prefect.concurrency._asyncio import AcquireConcurrencySlotTimeoutError, ConcurrencySlotAcquisitionError
+    from prefect.concurrency._asyncio import (
+        AcquireConcurrencySlotTimeoutError,
+        ConcurrencySlotAcquisitionError,
+    )
     from prefect.concurrency.sync import concurrency
     from prefect.settings import PREFECT_API_URL
 
