@@ -78,8 +78,10 @@ def one_writer(config: RunConfig, run_id: str, wait_s: float = 0.0) -> Iterator[
     which excludes flow runs on every machine that talks to that server. Each waits up to what is left of `wait_s`,
     then refuses with RunLockedError. With Prefect's temporary server (no PREFECT_API_URL) only the file lock."""
     start = time.monotonic()
-    with run_lock(config.store.uri, run_id, wait_s=wait_s), run_slot(run_id, max(0.0, wait_s - (time.monotonic() - start))):
-        yield
+    with run_lock(config.store.uri, run_id, wait_s=wait_s):
+        left = max(0.0, wait_s - (time.monotonic() - start))  # the slot waits only what the file lock left over
+        with run_slot(run_id, left):
+            yield
 
 
 @contextmanager
