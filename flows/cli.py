@@ -367,7 +367,9 @@ def _precheck(cfg, run: str, round_: int | None = None, rounds: int | None = Non
         raise ValueError(f"--rounds {rounds}: must be >= 1")
     if wait > 0:
         typer.echo(f"waiting up to {wait:g}s for run {run!r} if another process holds it", err=True)
-    with run_lock(cfg.store.uri, run, wait_s=wait) as holder:
+    from flows.self_play import store_credentials
+
+    with store_credentials(cfg), run_lock(cfg.store.uri, run, wait_s=wait) as holder:
         if round_ is not None:
             check_round_order(cfg, run, round_)
         yield holder

@@ -3,6 +3,13 @@ LanceDB's create, merge_insert, tags and vector search there; checkpoints upload
 the cache; the object-store settings refusing clear-text credentials."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +21,7 @@ from ampo.object_store import CheckpointPlaces, fingerprint, remote_objects
 from ampo.store import Store
 
 DIM = 4
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +152,135 @@ def test_local_checkpoints_stay_where_they_were_written(tmp_path):
     assert places.publish(local, "run", "run-r0") == str(local.resolve())
     assert resolve_checkpoint({"id": "run-r0", "round": 0, "path": str(local)}, places) == str(local)
     assert not (tmp_path / "cache").exists()
+
+
+# ----------------------------------------------------------------------------- a round on S3, under a Prefect server
+
+KILLED_RUN = """
+import json, pathlib, sys
+from ampo.config import RunConfig
+from ampo.stages import STAGES, run_stage
+cfg = RunConfig.model_validate(json.loads(pathlib.Path(sys.argv[1]).read_text()))
+for name in STAGES:
+    run_stage(name, cfg, sys.argv[2], 0)
+"""
+
+HOLDING_FLOW = """
+import json, pathlib, sys, time
+from ampo import stages
+from ampo.config import RunConfig
+from flows.self_play import self_play_round
+cfg = RunConfig.model_validate(json.loads(pathlib.Path(sys.argv[1]).read_text()))
+go, entered, release = (pathlib.Path(p) for p in sys.argv[3:6])
+def hold(ctx):  # train holds the round until the test releases it, then fails
+    entered.touch()
+    while not release.exists():
+        time.sleep(0.2)
+    raise RuntimeError("released by the test")
+stages.STAGE_FUNCTIONS["train"] = hold
+while not go.exists():  # imported and ready; the flow starts once the test says so
+    time.sleep(0.2)
+self_play_round(cfg, sys.argv[2])
+"""
+
+
+@pytest.fixture(scope="module")
+def prefect_server(s3):
+    from loopback_prefect import loopback_server
+
+    with loopback_server() as server:
+        yield server
+
+
+def child_env(server, cache):
+    from loopback_s3 import REGION, TEST_CREDENTIALS
+
+    return {**server.env, **TEST_CREDENTIALS, "AWS_REGION": REGION, "AMPO_CACHE": str(cache), "PYTHONPATH": str(REPO)}
+
+
+def on_server(server):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    return temporary_settings(updates={PREFECT_API_URL: server.api_url})
+
+
+def wait_until(what: str, check, process, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert process.poll() is None, f"{what}: the process ended first (exit {process.returncode})"
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
+        time.sleep(0.2)
+
+
+def test_smoke_round_on_s3_killed_resumed_and_one_writer_across_machines(s3, prefect_server, tmp_path, monkeypatch):
+    """The smoke round with the store and the checkpoints on S3. Machine A's first attempt is killed (SIGKILL)
+    while it trains; A's second attempt, a flow run on the Prefect server, resumes and holds the run in train. Machine
+    B (this process: another lock folder, so the file lock cannot see A) refuses at once with wait 0, and with a
+    wait runs the round once A lets go. Then the local resume test's invariants hold on S3."""
+    from ampo.runlock import RunLockedError
+    from ampo.stages.context import open_store
+    from flows.self_play import self_play_round
+
+    smoke = REPO / "infra" / "configs" / "smoke.yaml"
+    cfg = load_config(smoke, {"store.uri": s3.uri("smoke/store"), "store.storage_options": s3.options,
+                              "checkpoints.uri": s3.uri("smoke/checkpoints"), "runtime.workdir": str(tmp_path / "a"),
+                              "prompts.per_round": 4, "eval.max_prompts": 4})  # fmt: skip
+    (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
+    go, entered, release = tmp_path / "go", tmp_path / "entered", tmp_path / "release"
+    env_a = child_env(prefect_server, tmp_path / "machine-a")
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(tmp_path / "cfg.json"), "s"], env=env_a,
+                              start_new_session=True)  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", HOLDING_FLOW, str(tmp_path / "cfg.json"), "s", str(go),
+                               str(entered), str(release)], env=env_a, start_new_session=True)  # fmt: skip
+    store = open_store(cfg)
+    outcome = {}
+    try:
+        wait_until("train starts", lambda: store.stage_status("s", 0).get("train", {}).get("status") == "running",
+                   killed, 300)  # fmt: skip
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait()
+        assert store.get_checkpoint("s-r0") is None and s3.keys("smoke/checkpoints") == []
+        go.touch()
+        wait_until("the second attempt holds the run", entered.exists, holder, 240)
+
+        monkeypatch.setenv("AMPO_CACHE", str(tmp_path / "machine-b"))  # this process is machine B
+        cfg_b = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"workdir": str(tmp_path / "b")})})
+        with on_server(prefect_server), pytest.raises(RunLockedError, match=(
+                r"run 's' is in progress in another flow run \(Prefect global concurrency limit 'ampo-run-s' .*"
+                r"waited 0s\. Wait for it to finish, or pass a longer wait")):
+            self_play_round(cfg_b, "s", wait_s=0)
+
+        def second():
+            with on_server(prefect_server):
+                try:
+                    outcome["result"] = self_play_round(cfg_b, "s", wait_s=300)
+                except BaseException as exc:  # noqa: BLE001 - shown by the assertion below
+                    outcome["error"] = exc
+
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        time.sleep(3)
+        assert waiter.is_alive() and not outcome  # waiting for the slot, not running
+        release.touch()
+        waiter.join(400)
+        assert not waiter.is_alive() and "error" not in outcome, outcome
+    finally:
+        release.touch()
+        go.touch()
+        for process in (killed, holder):
+            if process.poll() is None:
+                process.wait(120)
+    assert holder.returncode != 0 and outcome["result"]["round"] == 0  # A's train failed when released; B finished
+
+    ids = store.read_rows("s", 0, ["id"])["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 4 * cfg.generation.n  # no duplicates, nothing lost
+    roles = store.read_rows("s", 0, ["role"])["role"].to_pylist()
+    assert roles.count("chosen") == 4 and roles.count("rejected") == 4 * cfg.selection.k
+    status = store.stage_status("s", 0)
+    assert all(s["status"] == "done" for s in status.values())
+    assert status["generate"]["attempts"] == 1 and status["train"]["attempts"] == 3  # killed, held, done
+    checkpoints = {c["id"]: c for c in store.list_checkpoints("s")}
+    assert [c["status"] for c in checkpoints.values()].count("champion") == 1
+    assert checkpoints["s-r0"]["path"] == s3.uri("smoke/checkpoints/s/s-r0")  # registered by its URI
+    assert "smoke/checkpoints/s/s-r0/manifest.json" in s3.keys("smoke/checkpoints/s/s-r0")
+    assert "s-r0" in store.candidates.tags.list()  # the round tagged at promote
