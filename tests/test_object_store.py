@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from loopback_s3 import loopback_s3
+from loopback_s3 import TEST_CREDENTIALS, loopback_s3
 
 from ampo.checkpoints import MissingManifestError, resolve_checkpoint
 from ampo.config import RunConfig, credential_env, load_config
@@ -56,7 +56,23 @@ def test_lancedb_store_on_loopback_s3(s3):
     assert nearest["id"].to_pylist() == ["r/0/p/3"]  # a row is its own nearest neighbour (distance 0)
     again = Store(s3.uri("lance/store"), dim=DIM, storage_options=s3.options)  # another connection sees it all
     assert again.count("r", 0) == 5 and tag in again.candidates.tags.list()
+    assert store.optimize(index_min_rows=1) == ["id", "run", "round"]  # compaction and indexes on S3
+    assert store.read_rows("r", 0, ["reward"])["reward"].to_pylist() == [0.0, -3.0, 2.0, 3.0, 4.0]
+    assert store.checkout_round("r", 0).count("r", 0) == 5  # the tagged version survives optimize
     assert any(k.startswith("lance/store/candidates.lance/") for k in s3.keys("lance/store"))
+
+
+def test_read_only_commands_create_no_store_on_s3(s3):
+    from ampo.stages.context import open_store
+
+    cfg = RunConfig.model_validate({"policy": "tiny-llama", "store": {"uri": s3.uri("nothing/here"),
+                                                                      "storage_options": s3.options}})  # fmt: skip
+    with pytest.raises(FileNotFoundError, match=r"no store at s3://ampo-test/nothing/here: nothing has been recorded"):
+        open_store(cfg, must_exist=True)
+    assert s3.keys("nothing/here") == []  # nothing was created by looking
+    open_store(cfg)  # a writer creates it
+    open_store(cfg, must_exist=True)
+    assert any(k.startswith("nothing/here/rounds.lance/") for k in s3.keys("nothing/here"))
 
 
 def test_clear_text_credentials_are_refused_unless_allowed():
@@ -193,7 +209,7 @@ def prefect_server(s3):
 
 
 def child_env(server, cache):
-    from loopback_s3 import REGION, TEST_CREDENTIALS
+    from loopback_s3 import REGION
 
     return {**server.env, **TEST_CREDENTIALS, "AWS_REGION": REGION, "AMPO_CACHE": str(cache), "PYTHONPATH": str(REPO)}
 
@@ -214,7 +230,8 @@ def wait_until(what: str, check, process, timeout_s: float) -> None:
 
 def test_smoke_round_on_s3_killed_resumed_and_one_writer_across_machines(s3, prefect_server, tmp_path, monkeypatch):
     """The smoke round with the store and the checkpoints on S3. Machine A's first attempt is killed (SIGKILL)
-    while it trains; A's second attempt, a flow run on the Prefect server, resumes and holds the run in train. Machine
+    while it trains; A's second attempt, a flow run on the Prefect server with its credentials from a Secret block,
+    resumes and holds the run in train. Machine
     B (this process: another lock folder, so the file lock cannot see A) refuses at once with wait 0, and with a
     wait runs the round once A lets go. Then the local resume test's invariants hold on S3."""
     from ampo.runlock import RunLockedError
@@ -226,11 +243,20 @@ def test_smoke_round_on_s3_killed_resumed_and_one_writer_across_machines(s3, pre
                               "checkpoints.uri": s3.uri("smoke/checkpoints"), "runtime.workdir": str(tmp_path / "a"),
                               "prompts.per_round": 4, "eval.max_prompts": 4})  # fmt: skip
     (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
+    # A's flow run has no credentials in its environment: it reads them from a Prefect Secret block (store.secret)
+    from prefect.blocks.system import Secret
+
+    with on_server(prefect_server):
+        Secret(value={k.lower(): v for k, v in TEST_CREDENTIALS.items()}).save("ampo-test-s3")
+    cfg_a = cfg.model_copy(update={"store": cfg.store.model_copy(update={"secret": "ampo-test-s3"})})
+    (tmp_path / "cfg-a.json").write_text(cfg_a.model_dump_json())
+    assert "testing" not in (tmp_path / "cfg-a.json").read_text()  # the config names the secret, never holds it
     go, entered, release = tmp_path / "go", tmp_path / "entered", tmp_path / "release"
     env_a = child_env(prefect_server, tmp_path / "machine-a")
     killed = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(tmp_path / "cfg.json"), "s"], env=env_a,
                               start_new_session=True)  # fmt: skip
-    holder = subprocess.Popen([sys.executable, "-c", HOLDING_FLOW, str(tmp_path / "cfg.json"), "s", str(go),
+    env_a = {k: v for k, v in env_a.items() if k not in TEST_CREDENTIALS}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDING_FLOW, str(tmp_path / "cfg-a.json"), "s", str(go),
                                str(entered), str(release)], env=env_a, start_new_session=True)  # fmt: skip
     store = open_store(cfg)
     outcome = {}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ampo.config import RunConfig, object_store_scheme, storage_option_strings
 from ampo.object_store import CheckpointPlaces
-from ampo.store import Store
+from ampo.store import Store, store_exists
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
@@ -18,17 +18,20 @@ Progress = Callable[[str, int, int], None]  # (what, done, total)
 def open_store(cfg: RunConfig, *, must_exist: bool = False) -> Store:
     """The store of a config, opened once per process (every read sees the latest commit of any writer).
 
-    A local `store.uri` that is a file is an error; so is a missing one with `must_exist` (commands that only
-    read never create a store). Object-store URIs are not checked here.
+    A local `store.uri` that is a file is an error; so is a missing store with `must_exist` (commands that only
+    read never create a store): a missing folder, or an object-store URI holding no `rounds` table.
     """
     uri = cfg.store.uri
+    options = tuple(sorted(storage_option_strings(cfg.store.storage_options).items()))
     if not cfg.store.is_remote:
         path = Path(uri.removeprefix("file://"))
         if path.exists() and not path.is_dir():
             raise ValueError(f"store.uri {uri!r} is a file; it must be a folder (created when missing)")
-        if must_exist and not path.is_dir():
-            raise FileNotFoundError(f"no store at {uri}: nothing has been recorded there (check store.uri)")
-    options = tuple(sorted(storage_option_strings(cfg.store.storage_options).items()))
+        missing = must_exist and not path.is_dir()
+    else:
+        missing = must_exist and not store_exists(uri, storage_options=dict(options) or None)
+    if missing:
+        raise FileNotFoundError(f"no store at {uri}: nothing has been recorded there (check store.uri)")
     return _store(uri, cfg.embedding.dim, options)
 
 
