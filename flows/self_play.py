@@ -27,7 +27,9 @@ def self_play_round(config: RunConfig, run_id: RunId, round: int | None = None, 
 
     Finished stages are skipped, so re-running after a crash finishes the rest. `round=None` takes the next one.
     `plots=True` also draws the report's plots and shows them in the round's artifacts (about 0.4 s a round; the
-    deployments of infra/prefect.yaml and `ampo serve` ask for them).
+    deployments of infra/prefect.yaml and `ampo serve` ask for them). The round holds the run for its whole length
+    (`one_writer`: the file lock, and the run's Prefect concurrency limit when a server is configured), waiting up
+    to `wait_s` seconds for another holder.
     """
     validate_run_id(run_id)
     if round is not None:
@@ -39,7 +41,7 @@ def self_play_round(config: RunConfig, run_id: RunId, round: int | None = None, 
             STAGE_TASKS[name](config, run_id, round_)
         files = report(config, run_id, round_, plots)
         stages.mark_reported(config, run_id, round_)  # last: until then the next run resumes this round
-    return {"run": run_id, "round": round_, **stages.round_outcome(config, run_id, round_), "report": files}
+        return {"run": run_id, "round": round_, **stages.round_outcome(config, run_id, round_), "report": files}
 
 
 @flow(name="self-play", log_prints=True, validate_parameters=True)

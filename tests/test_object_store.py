@@ -310,3 +310,13 @@ def test_smoke_round_on_s3_killed_resumed_and_one_writer_across_machines(s3, pre
     assert checkpoints["s-r0"]["path"] == s3.uri("smoke/checkpoints/s/s-r0")  # registered by its URI
     assert "smoke/checkpoints/s/s-r0/manifest.json" in s3.keys("smoke/checkpoints/s/s-r0")
     assert "s-r0" in store.candidates.tags.list()  # the round tagged at promote
+
+
+def test_a_concurrency_limit_with_more_than_one_slot_is_refused(prefect_server):
+    from flows.self_play import run_slot
+
+    prefect_server.post("/v2/concurrency_limits/", {"name": "ampo-run-wide", "limit": 2})
+    with on_server(prefect_server), pytest.raises(ValueError, match=(
+            r"limit 'ampo-run-wide' exists with limit 2 \(active: True\); one writer per run needs an active limit "
+            r"of 1: `prefect gcl update ampo-run-wide --limit 1`")), run_slot("wide"):  # fmt: skip
+        pytest.fail("entered with two slots")
