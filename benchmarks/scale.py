@@ -15,6 +15,7 @@ Prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import statistics
@@ -82,6 +83,7 @@ def bench_store(prompts: int = 500, n: int = 32, dim: int = 384, batch_prompts: 
     from benchmarks.store import make_rows  # synthetic rows: ~300-character responses, unit vectors
 
     rows = make_rows(prompts, n, dim)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}

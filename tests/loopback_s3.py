@@ -1,6 +1,7 @@
 """A real S3 API on loopback for tests: moto's server mode on 127.0.0.1 (a free port), one bucket, credentials in
 the environment for the duration (moto accepts any; LanceDB and boto3 need some to sign requests)."""
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ def loopback_s3(bucket: str = "ampo-test") -> Iterator[LoopbackS3]:
     in os.environ; stop it and restore the environment on exit."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     env = {**TEST_CREDENTIALS, "AWS_REGION": REGION}
