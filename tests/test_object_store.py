@@ -4,10 +4,10 @@ the cache; the object-store settings refusing clear-text credentials."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -194,9 +194,30 @@ def hold(ctx):  # train holds the round until the test releases it, then fails
         time.sleep(0.2)
     raise RuntimeError("released by the test")
 stages.STAGE_FUNCTIONS["train"] = hold
+secret = pathlib.Path(sys.argv[6])  # the credentials go into a Prefect Secret block, never into this environment
+from prefect.blocks.system import Secret
+Secret(value=json.loads(secret.read_text())).save(cfg.store.secret, overwrite=True)
+secret.unlink()
 while not go.exists():  # imported and ready; the flow starts once the test says so
     time.sleep(0.2)
 self_play_round(cfg, sys.argv[2])
+"""
+
+SECOND_MACHINE = """
+import json, pathlib, sys
+from ampo.config import RunConfig
+from ampo.runlock import RunLockedError
+from flows.self_play import self_play_round
+cfg = RunConfig.model_validate(json.loads(pathlib.Path(sys.argv[1]).read_text()))
+waiting, out = pathlib.Path(sys.argv[3]), pathlib.Path(sys.argv[4])
+try:
+    self_play_round(cfg, sys.argv[2], wait_s=0)
+    refused = None
+except RunLockedError as exc:
+    refused = str(exc)
+waiting.touch()
+result = self_play_round(cfg, sys.argv[2], wait_s=300)
+out.write_text(json.dumps({"refused": refused, "round": result["round"]}))
 """
 
 
@@ -228,38 +249,37 @@ def wait_until(what: str, check, process, timeout_s: float) -> None:
         time.sleep(0.2)
 
 
-def test_smoke_round_on_s3_killed_resumed_and_one_writer_across_machines(s3, prefect_server, tmp_path, monkeypatch):
+def test_smoke_round_on_s3_killed_resumed_and_one_writer_across_machines(s3, prefect_server, tmp_path):
     """The smoke round with the store and the checkpoints on S3. Machine A's first attempt is killed (SIGKILL)
     while it trains; A's second attempt, a flow run on the Prefect server with its credentials from a Secret block,
-    resumes and holds the run in train. Machine
-    B (this process: another lock folder, so the file lock cannot see A) refuses at once with wait 0, and with a
-    wait runs the round once A lets go. Then the local resume test's invariants hold on S3."""
-    from ampo.runlock import RunLockedError
+    resumes and holds the run in train. Machine B (another lock folder, so the file lock cannot see A) refuses at
+    once with wait 0, and with a wait runs the round once A lets go. Then the local resume test's invariants hold on
+    S3. Every flow run is in a child process: a flow run in this process would leave Prefect's log and event workers
+    pointed at the loopback server after it stops."""
     from ampo.stages.context import open_store
-    from flows.self_play import self_play_round
 
     smoke = REPO / "infra" / "configs" / "smoke.yaml"
     cfg = load_config(smoke, {"store.uri": s3.uri("smoke/store"), "store.storage_options": s3.options,
                               "checkpoints.uri": s3.uri("smoke/checkpoints"), "runtime.workdir": str(tmp_path / "a"),
                               "prompts.per_round": 4, "eval.max_prompts": 4})  # fmt: skip
     (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
-    # A's flow run has no credentials in its environment: it reads them from a Prefect Secret block (store.secret)
-    from prefect.blocks.system import Secret
-
-    with on_server(prefect_server):
-        Secret(value={k.lower(): v for k, v in TEST_CREDENTIALS.items()}).save("ampo-test-s3")
     cfg_a = cfg.model_copy(update={"store": cfg.store.model_copy(update={"secret": "ampo-test-s3"})})
     (tmp_path / "cfg-a.json").write_text(cfg_a.model_dump_json())
     assert "testing" not in (tmp_path / "cfg-a.json").read_text()  # the config names the secret, never holds it
+    (tmp_path / "secret.json").write_text(json.dumps({k.lower(): v for k, v in TEST_CREDENTIALS.items()}))
+    cfg_b = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"workdir": str(tmp_path / "b")})})
+    (tmp_path / "cfg-b.json").write_text(cfg_b.model_dump_json())
     go, entered, release = tmp_path / "go", tmp_path / "entered", tmp_path / "release"
+    waiting, result = tmp_path / "b-waiting", tmp_path / "b-result.json"
     env_a = child_env(prefect_server, tmp_path / "machine-a")
     killed = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(tmp_path / "cfg.json"), "s"], env=env_a,
                               start_new_session=True)  # fmt: skip
-    env_a = {k: v for k, v in env_a.items() if k not in TEST_CREDENTIALS}
     holder = subprocess.Popen([sys.executable, "-c", HOLDING_FLOW, str(tmp_path / "cfg-a.json"), "s", str(go),
-                               str(entered), str(release)], env=env_a, start_new_session=True)  # fmt: skip
+                               str(entered), str(release), str(tmp_path / "secret.json")],
+                              env={k: v for k, v in env_a.items() if k not in TEST_CREDENTIALS},
+                              start_new_session=True)  # fmt: skip
+    second = None
     store = open_store(cfg)
-    outcome = {}
     try:
         wait_until("train starts", lambda: store.stage_status("s", 0).get("train", {}).get("status") == "running",
                    killed, 300)  # fmt: skip
@@ -268,35 +288,27 @@ def test_smoke_round_on_s3_killed_resumed_and_one_writer_across_machines(s3, pre
         assert store.get_checkpoint("s-r0") is None and s3.keys("smoke/checkpoints") == []
         go.touch()
         wait_until("the second attempt holds the run", entered.exists, holder, 240)
-
-        monkeypatch.setenv("AMPO_CACHE", str(tmp_path / "machine-b"))  # this process is machine B
-        cfg_b = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"workdir": str(tmp_path / "b")})})
-        with on_server(prefect_server), pytest.raises(RunLockedError, match=(
-                r"run 's' is in progress in another flow run \(Prefect global concurrency limit 'ampo-run-s' .*"
-                r"waited 0s\. Wait for it to finish, or pass a longer wait")):
-            self_play_round(cfg_b, "s", wait_s=0)
-
-        def second():
-            with on_server(prefect_server):
-                try:
-                    outcome["result"] = self_play_round(cfg_b, "s", wait_s=300)
-                except BaseException as exc:  # noqa: BLE001 - shown by the assertion below
-                    outcome["error"] = exc
-
-        waiter = threading.Thread(target=second)
-        waiter.start()
+        second = subprocess.Popen([sys.executable, "-c", SECOND_MACHINE, str(tmp_path / "cfg-b.json"), "s",
+                                   str(waiting), str(result)], env=child_env(prefect_server, tmp_path / "machine-b"),
+                                  start_new_session=True)  # fmt: skip
+        wait_until("machine B tried once and waits", waiting.exists, second, 240)
         time.sleep(3)
-        assert waiter.is_alive() and not outcome  # waiting for the slot, not running
+        train = store.stage_status("s", 0)["train"]
+        assert second.poll() is None and train["status"] == "running" and train["attempts"] == 2  # B waits
         release.touch()
-        waiter.join(400)
-        assert not waiter.is_alive() and "error" not in outcome, outcome
+        assert second.wait(400) == 0
     finally:
         release.touch()
         go.touch()
-        for process in (killed, holder):
-            if process.poll() is None:
+        for process in (killed, holder, second):
+            if process is not None and process.poll() is None:
                 process.wait(120)
-    assert holder.returncode != 0 and outcome["result"]["round"] == 0  # A's train failed when released; B finished
+    outcome = json.loads(result.read_text())
+    assert re.fullmatch(r"run 's' is in progress in another flow run \(Prefect global concurrency limit 'ampo-run-s' "
+                        r"on http://127\.0\.0\.1:\d+/api has no free slot; `prefect gcl inspect ampo-run-s` shows "
+                        r"it\); waited 0s\. Wait for it to finish, or pass a longer wait \(--wait SECONDS\)\.",
+                        outcome["refused"])  # fmt: skip
+    assert holder.returncode != 0 and outcome["round"] == 0  # A's train failed when released; B finished the round
 
     ids = store.read_rows("s", 0, ["id"])["id"].to_pylist()
     assert len(ids) == len(set(ids)) == 4 * cfg.generation.n  # no duplicates, nothing lost
@@ -310,6 +322,21 @@ def test_smoke_round_on_s3_killed_resumed_and_one_writer_across_machines(s3, pre
     assert checkpoints["s-r0"]["path"] == s3.uri("smoke/checkpoints/s/s-r0")  # registered by its URI
     assert "smoke/checkpoints/s/s-r0/manifest.json" in s3.keys("smoke/checkpoints/s/s-r0")
     assert "s-r0" in store.candidates.tags.list()  # the round tagged at promote
+
+    # the next round on a third machine starts from the promoted checkpoint: start.json records its URI, the
+    # stages read the copy downloaded into that machine's cache
+    from ampo.stages.context import RoundContext, fix_start
+
+    assert store.champion("s")["id"] == "s-r0"  # the smoke gates promote (min_win_rate 0)
+    cfg_c = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"workdir": str(tmp_path / "c")})})
+    ctx = RoundContext(cfg_c, "s", 1, store)
+    start = fix_start(ctx)
+    cached = Path(start["path"])
+    assert start["id"] == "s-r0" and cached.parent == tmp_path / "c" / "checkpoint-cache"
+    assert cached.name.startswith("s-r0-") and (cached / "manifest.json").is_file()
+    assert (cached / "model.safetensors").stat().st_size > 0
+    assert json.loads((ctx.dir / "start.json").read_text()) == {"id": "s-r0", "path": s3.uri("smoke/checkpoints/s/s-r0")}
+    assert fix_start(ctx) == start  # re-read from start.json, same cached copy
 
 
 def test_a_concurrency_limit_with_more_than_one_slot_is_refused(prefect_server):
