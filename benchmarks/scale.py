@@ -91,10 +91,10 @@ def bench_store(prompts: int = 500, n: int = 32, dim: int = 384, batch_prompts: 
     try:
         host, port = server.get_host_and_port()
         options = {"endpoint": f"http://{host}:{port}", "region": "us-east-1", "allow_http": "true"}
-        places = CheckpointPlaces("s3://ampo-bench/ckpt", options, Path())
-        places.client().create_bucket(Bucket="ampo-bench")
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
+            places = CheckpointPlaces("s3://ampo-bench/ckpt", options, tmp / "publisher-cache")
+            places.client().create_bucket(Bucket="ampo-bench")
             local = _store_ops(Store(str(tmp / "store"), dim=dim), rows, batch_prompts * n)
             s3 = _store_ops(Store("s3://ampo-bench/store", dim=dim, storage_options=options), rows, batch_prompts * n)
             assert local["count"] == s3["count"] == rows.num_rows
