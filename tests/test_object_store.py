@@ -162,6 +162,23 @@ def test_checkpoint_upload_is_visible_only_once_its_manifest_is_there(s3, tmp_pa
         places.publish(other, "run", "run-r0")
 
 
+def test_checkpoint_folders_and_places_follow_checkpoints_uri(tmp_path):
+    from ampo.stages.context import checkpoint_dir, checkpoint_places
+
+    base = {"policy": "tiny-llama", "runtime": {"workdir": str(tmp_path / "w")}}
+    default = RunConfig.model_validate(base)  # today's behaviour: under the workdir, nothing remote
+    assert checkpoint_dir(default, "r", "r-r0") == tmp_path / "w" / "checkpoints" / "r" / "r-r0"
+    assert checkpoint_places(default) == CheckpointPlaces(None, {}, tmp_path / "w" / "checkpoint-cache")
+    shared = RunConfig.model_validate({**base, "checkpoints": {"uri": str(tmp_path / "shared")}})  # a shared volume
+    assert checkpoint_dir(shared, "r", "r-r0") == tmp_path / "shared" / "r" / "r-r0"
+    assert checkpoint_places(shared).uri is None
+    remote = RunConfig.model_validate({**base, "checkpoints": {"uri": "s3://b/c"}, "store": {
+        "uri": "s3://b/s", "storage_options": {"region": "eu-west-1", "allow_http": True}}})  # fmt: skip
+    assert checkpoint_dir(remote, "r", "r-r0") == tmp_path / "w" / "checkpoints" / "r" / "r-r0"  # written locally
+    assert checkpoint_places(remote) == CheckpointPlaces("s3://b/c", {"region": "eu-west-1", "allow_http": "true"},
+                                                         tmp_path / "w" / "checkpoint-cache")  # the store's options
+
+
 def test_local_checkpoints_stay_where_they_were_written(tmp_path):
     places = CheckpointPlaces(None, {}, tmp_path / "cache")
     local = fake_checkpoint(tmp_path / "run-r0", "run-r0", b"w")
