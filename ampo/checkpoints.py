@@ -21,16 +21,14 @@ from pathlib import Path
 
 import torch
 
+from ampo.errors import MissingManifestError  # raised here; callers import it from here
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 STATE_DIR = "state"
 TRAINER_STATE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-class MissingManifestError(FileNotFoundError):
-    """A checkpoint folder without its manifest: unfinished or foreign, never used."""
 
 
 def write_json_atomic(path: Path, data: dict) -> Path:
@@ -266,12 +264,16 @@ def write_manifest(directory: Path, manifest: dict) -> Path:
     return path
 
 
-def resolve_checkpoint(record: Mapping) -> str:
+def resolve_checkpoint(record: Mapping, places=None) -> str:
     """The path of a registered checkpoint ({"id", "path", "round"}, a `checkpoints` row), checked before anything
     reads it: every trained checkpoint (round >= 0) must be a folder with its manifest, and the manifest's id, when
     it names one, must be this checkpoint's. The run's initial policy (round -1: a prepared folder or a hub name)
     has no ampo manifest and is returned as registered. Raises MissingManifestError / FileNotFoundError /
     ValueError with the checkpoint named.
+
+    A checkpoint registered by its s3:// URI is read through `places` (ampo.object_store.CheckpointPlaces, built
+    from the run config by ampo.stages.context.checkpoint_places): the path returned is its local cached copy, and
+    a prefix without its manifest (an unfinished upload) raises MissingManifestError.
 
     Every stage that loads a checkpoint (generate from the champion, reflogps, train's start, evaluate) and every
     promotion (the promote stage, `ampo promote`, `ampo rollback`) goes through here.
@@ -279,6 +281,14 @@ def resolve_checkpoint(record: Mapping) -> str:
     checkpoint_id, path = record["id"], str(record["path"])
     if record.get("round", 0) < 0:
         return path
+    if path.startswith("s3://"):
+        if places is None:
+            raise ValueError(f"checkpoint {checkpoint_id!r} is on object storage ({path}); reading it needs the run "
+                             f"config's checkpoints settings (ampo.stages.context.checkpoint_places)")
+        try:
+            path = places.local_copy(checkpoint_id, path)
+        except FileNotFoundError as exc:
+            raise type(exc)(f"checkpoint {checkpoint_id!r}: {exc}") from None
     try:
         manifest = load_checkpoint_manifest(path)
     except FileNotFoundError as exc:

@@ -112,8 +112,107 @@ class EmbeddingConfig(_Frozen):
     text: Literal["response", "prompt_response"] = "response"
 
 
-class StoreConfig(_Frozen):
+OBJECT_STORE_SCHEMES = ("s3", "s3+ddb", "gs", "az")  # URIs LanceDB opens on object storage (docs/store.md)
+# storage option names that hold a credential (matched as substrings of the lower-cased name); a name ending in
+# _file or _path names a file that holds one, which is fine in a config
+_CREDENTIAL_PARTS = ("secret", "token", "password", "access_key", "account_key", "sas", "service_account_key")
+StorageOptions = dict[str, str | bool | int | float]
+
+
+def object_store_scheme(uri: str) -> str | None:
+    """The scheme of an object-store URI ("s3", "gs", ...), None for a local folder (a plain path or file://).
+    Any other scheme is an error naming the allowed ones."""
+    if "://" not in uri:
+        return None
+    scheme = uri.split("://", 1)[0].lower()
+    if scheme == "file":
+        return None
+    if scheme not in OBJECT_STORE_SCHEMES:
+        raise ValueError(f"unsupported URI scheme {scheme!r} in {uri!r}; use a local folder, file://, or one of "
+                         f"{[f'{s}://' for s in OBJECT_STORE_SCHEMES]}")
+    return scheme
+
+
+def credential_keys(options: dict) -> list[str]:
+    """The option names in `options` that hold a credential (a key, secret, token, password or SAS)."""
+    return sorted(k for k in options if any(part in k.lower() for part in _CREDENTIAL_PARTS)
+                  and not k.lower().endswith(("_file", "_path")))
+
+
+CREDENTIAL_ENV_PREFIXES = ("aws_", "google_", "azure_")  # the variables LanceDB (object_store) and boto3 read
+
+
+def credential_env(credentials: dict) -> dict[str, str]:
+    """A mapping of credentials (a Prefect Secret's value: {"aws_access_key_id": ..., ...}) as the environment
+    variables LanceDB and boto3 read: each name upper-cased (AWS_ACCESS_KEY_ID). Names must start with aws_,
+    google_ or azure_, values must be strings."""
+    if not isinstance(credentials, dict):
+        raise ValueError(f"object-store credentials must be a mapping of names to strings, got "
+                         f"{type(credentials).__name__}")
+    bad = sorted(k for k, v in credentials.items()
+                 if not (isinstance(k, str) and k.lower().startswith(CREDENTIAL_ENV_PREFIXES) and isinstance(v, str)))
+    if bad:
+        raise ValueError(f"object-store credentials {bad}: each name must start with one of "
+                         f"{list(CREDENTIAL_ENV_PREFIXES)} (e.g. aws_access_key_id) and each value be a string")
+    return {k.upper(): v for k, v in credentials.items()}
+
+
+def storage_option_strings(options: dict) -> dict[str, str]:
+    """Storage options as LanceDB takes them: every value a string, booleans as "true"/"false"."""
+    return {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in options.items()}
+
+
+class _ObjectStoreSettings(_Frozen):
+    """Where data lives: `uri` is a local folder or an object-store URI; `storage_options` are LanceDB's (object_store)
+    options for it: endpoint, region, allow_http, virtual_hosted_style_request, ... Credentials come from the
+    environment (AWS_ACCESS_KEY_ID, ...) or from a Prefect Secret block (`store.secret`), not from here."""
+
+    # a credential written here (access key, secret, token, ...) is refused unless this is set: a run config is
+    # stored as a flow-run parameter, in the Prefect database and the UI, and in runs/<run>/config.json
+    allow_plaintext_credentials: bool = False
+
+    @model_validator(mode="after")
+    def _check_uri_and_options(self):
+        if self.uri:
+            object_store_scheme(self.uri)
+        found = credential_keys(self.storage_options or {})
+        if found and not self.allow_plaintext_credentials:
+            raise ValueError(f"storage_options {found} hold credentials in clear text; take them out of the config "
+                             f"and set them in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) or in "
+                             f"a Prefect Secret block named by store.secret; allow_plaintext_credentials: true "
+                             f"accepts them here")
+        return self
+
+
+class StoreConfig(_ObjectStoreSettings):
     uri: str = ".ampo/store"  # a local folder or an object-store URI (s3://, gs://, az://)
+    storage_options: StorageOptions = Field(default_factory=dict)  # passed to lancedb.connect
+    # the name of a Prefect Secret block whose value is a mapping of credentials ({"aws_access_key_id": ...,
+    # "aws_secret_access_key": ...}); the flows export them as environment variables for the round (never ampo/)
+    secret: str | None = None
+
+    @property
+    def is_remote(self) -> bool:
+        return object_store_scheme(self.uri) is not None
+
+
+class CheckpointsConfig(_ObjectStoreSettings):
+    """Where trained checkpoints are published. Training always writes the folder locally (under
+    runtime.workdir/checkpoints); with an s3:// `uri` it is then uploaded (manifest.json last) and registered by
+    its URI, and every stage reads it through a local cache keyed by its id and weights fingerprint."""
+
+    # None: the local folder runtime.workdir/checkpoints/<run>/<id> is the checkpoint; a folder: the same under it
+    uri: str | None = None
+    storage_options: StorageOptions | None = None  # None: store.storage_options
+    cache: str | None = None  # downloaded checkpoints; None: runtime.workdir/checkpoint-cache
+
+    @model_validator(mode="after")
+    def _s3_only(self) -> CheckpointsConfig:
+        scheme = object_store_scheme(self.uri) if self.uri else None
+        if scheme not in (None, "s3"):
+            raise ValueError(f"uri {self.uri!r}: checkpoints go to a local folder or s3:// (any "
+                             f"S3-compatible endpoint: set storage_options.endpoint), not {scheme}://")
+        return self
 
 
 class PotentialPrefilter(_Frozen):
@@ -235,6 +334,7 @@ class RunConfig(_Frozen):
     reward: RewardConfig = RewardConfig()
     embedding: EmbeddingConfig = EmbeddingConfig()
     store: StoreConfig = StoreConfig()
+    checkpoints: CheckpointsConfig = CheckpointsConfig()
     selection: SelectionConfig = Field(default_factory=SELECTION_MODELS[DEFAULT_METHOD])
     loss: LossConfig = AmpoConfig()  # a registered loss chosen by `name` (ampo.losses.LOSSES)
     train: TrainConfig = TrainConfig()

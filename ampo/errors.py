@@ -9,6 +9,10 @@ EXPECTED_ERRORS = ("ValueError", "FileNotFoundError", "RunLockedError", "StagePr
 LANCE_IO = re.compile(r"lance error: LanceError\(IO\): (?P<what>.*?)(?:, /\S+\.rs:\d+:\d+)?$", re.DOTALL)
 
 
+class MissingManifestError(FileNotFoundError):
+    """A checkpoint (folder or object-store prefix) without its manifest: unfinished or foreign, never used."""
+
+
 def error_line(exc: BaseException, store_uri: str | None = None) -> str:
     """The one line an error prints: its message for errors ampo raises on purpose, the path and the reason for
     I/O errors (a file, a read-only or full disk), the exception type and message for anything else."""

@@ -173,7 +173,7 @@ def _set_champion(config: Path, overrides: list[str] | None, run: str, checkpoin
     from ampo.checkpoints import resolve_checkpoint
     from ampo.config import validate_run_id
     from ampo.runlock import RunLockedError, run_lock
-    from ampo.stages.context import open_store
+    from ampo.stages.context import checkpoint_places, open_store
 
     cfg = _config(config, overrides)
     store = open_store(cfg)
@@ -184,7 +184,7 @@ def _set_champion(config: Path, overrides: list[str] | None, run: str, checkpoin
             if record is None or record["run"] != run:
                 known = [c["id"] for c in store.list_checkpoints(run)]
                 raise ValueError(f"checkpoint {checkpoint!r} is not in run {run!r}; known: {known}")
-            resolve_checkpoint(record)  # never champion a folder without its manifest
+            resolve_checkpoint(record, checkpoint_places(cfg))  # never champion a checkpoint without its manifest
             current = store.champion(run)
             store.set_champion(run, checkpoint, expected=None if current is None else current["id"])
     except RunLockedError as exc:
@@ -367,7 +367,9 @@ def _precheck(cfg, run: str, round_: int | None = None, rounds: int | None = Non
         raise ValueError(f"--rounds {rounds}: must be >= 1")
     if wait > 0:
         typer.echo(f"waiting up to {wait:g}s for run {run!r} if another process holds it", err=True)
-    with run_lock(cfg.store.uri, run, wait_s=wait) as holder:
+    from flows.self_play import store_credentials
+
+    with store_credentials(cfg), run_lock(cfg.store.uri, run, wait_s=wait) as holder:
         if round_ is not None:
             check_round_order(cfg, run, round_)
         yield holder

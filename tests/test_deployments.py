@@ -177,7 +177,7 @@ def test_gpu_job_renders_gpu_limit_selector_env_and_volume():
     config = RunConfig.model_validate(deployment["parameters"]["config"])
     for path in (env["HF_HOME"], env["AMPO_CACHE"], config.runtime.workdir):
         assert path.startswith("/data/"), path  # caches and checkpoints live on the persistent volume
-    assert config.store.uri.startswith("s3://")
+    assert config.store.uri.startswith("s3://") and config.checkpoints.uri.startswith("s3://")
     assert config.runtime.device == "cuda" and config.runtime.stage_isolation == "subprocess"
     # more GPUs is one job variable: request and limit move together
     two = render_job(gpu_template(), {**job_variables, "gpu_count": 2})

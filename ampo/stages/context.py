@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from ampo.config import RunConfig
-from ampo.store import Store
+from ampo.config import RunConfig, object_store_scheme, storage_option_strings
+from ampo.object_store import CheckpointPlaces
+from ampo.store import Store, store_exists
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
@@ -17,22 +18,45 @@ Progress = Callable[[str, int, int], None]  # (what, done, total)
 def open_store(cfg: RunConfig, *, must_exist: bool = False) -> Store:
     """The store of a config, opened once per process (every read sees the latest commit of any writer).
 
-    A local `store.uri` that is a file is an error; so is a missing one with `must_exist` (commands that only
-    read never create a store). Object-store URIs are not checked here.
+    A local `store.uri` that is a file is an error; so is a missing store with `must_exist` (commands that only
+    read never create a store): a missing folder, or an object-store URI holding no `rounds` table.
     """
     uri = cfg.store.uri
-    if "://" not in uri:
-        path = Path(uri)
+    options = tuple(sorted(storage_option_strings(cfg.store.storage_options).items()))
+    if not cfg.store.is_remote:
+        path = Path(uri.removeprefix("file://"))
         if path.exists() and not path.is_dir():
             raise ValueError(f"store.uri {uri!r} is a file; it must be a folder (created when missing)")
-        if must_exist and not path.is_dir():
-            raise FileNotFoundError(f"no store at {uri}: nothing has been recorded there (check store.uri)")
-    return _store(uri, cfg.embedding.dim)
+        missing = must_exist and not path.is_dir()
+    else:
+        missing = must_exist and not store_exists(uri, storage_options=dict(options) or None)
+    if missing:
+        raise FileNotFoundError(f"no store at {uri}: nothing has been recorded there (check store.uri)")
+    return _store(uri, cfg.embedding.dim, options)
 
 
 @lru_cache(maxsize=8)
-def _store(uri: str, dim: int) -> Store:
-    return Store(uri, dim)
+def _store(uri: str, dim: int, storage_options: tuple[tuple[str, str], ...] = ()) -> Store:
+    return Store(uri, dim, storage_options=dict(storage_options) or None)
+
+
+def checkpoint_places(cfg: RunConfig) -> CheckpointPlaces:
+    """Where the run's checkpoints are published and cached (cfg.checkpoints; see ampo.object_store)."""
+    ck = cfg.checkpoints
+    options = cfg.store.storage_options if ck.storage_options is None else ck.storage_options
+    cache = Path(ck.cache) if ck.cache else Path(cfg.runtime.workdir) / "checkpoint-cache"
+    remote = ck.uri if ck.uri and object_store_scheme(ck.uri) else None
+    return CheckpointPlaces(remote, storage_option_strings(options), cache)
+
+
+def checkpoint_dir(cfg: RunConfig, run: str, checkpoint_id: str) -> Path:
+    """The local folder training writes `checkpoint_id` into: under checkpoints.uri when that is a local folder,
+    else under runtime.workdir/checkpoints (also when checkpoints.uri is on object storage: it is uploaded from
+    there)."""
+    ck = cfg.checkpoints.uri
+    root = Path(ck.removeprefix("file://")) if ck and object_store_scheme(ck) is None else (
+        Path(cfg.runtime.workdir) / "checkpoints")
+    return root / run / checkpoint_id
 
 
 def run_dir(cfg: RunConfig, run: str) -> Path:
@@ -92,13 +116,14 @@ class RoundContext:
         row = self.store.get_checkpoint(ref["id"])
         if row is None:
             raise ValueError(f"run {self.run!r} round {self.round}: checkpoint {ref['id']!r} is not in the registry")
-        return {"id": ref["id"], "path": resolve_checkpoint({**row, "path": ref["path"]})}
+        return {"id": ref["id"], "path": resolve_checkpoint({**row, "path": ref["path"]}, checkpoint_places(self.cfg))}
 
 
 def fix_start(ctx: RoundContext) -> dict:
     """The round's first step: fix the policy it starts from ({"id", "path"}) and return it.
 
-    The first call (before generate) records the run's current champion in the round's folder (start.json); round 0
+    The first call (before generate) records the run's current champion (its id and registered path, an s3:// URI for
+    a checkpoint on object storage) in the round's folder (start.json); round 0
     of a new run first registers the configured policy as the run's first champion. Later calls, from later stages
     and re-runs, read that record, so the whole round uses the same policy even after it promoted another. Each call
     checks the checkpoint is readable (ampo.checkpoints.resolve_checkpoint: manifest present).
@@ -107,8 +132,8 @@ def fix_start(ctx: RoundContext) -> dict:
     if path.is_file():
         return ctx._readable(json.loads(path.read_text()))
     champion = ctx.store.champion(ctx.run) or register_initial_policy(ctx.cfg, ctx.run, ctx.store)
-    start = ctx._readable(champion)
-    write_json_atomic(path, start)
+    start = ctx._readable(champion)  # checked (and, from object storage, cached) before it is recorded
+    write_json_atomic(path, {"id": champion["id"], "path": champion["path"]})  # as registered: a URI stays a URI
     return start
 
 

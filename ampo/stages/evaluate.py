@@ -11,7 +11,13 @@ from pathlib import Path
 import numpy as np
 
 from ampo.gates import Answers, compare
-from ampo.stages.context import RoundContext, StageResult, candidate_checkpoint_id, write_json_atomic
+from ampo.stages.context import (
+    RoundContext,
+    StageResult,
+    candidate_checkpoint_id,
+    checkpoint_places,
+    write_json_atomic,
+)
 
 
 def evaluate(ctx: RoundContext) -> StageResult:
@@ -42,7 +48,7 @@ def _candidate(ctx: RoundContext) -> dict:
         raise ValueError(f"run {ctx.run!r} round {ctx.round} has no candidate checkpoint; run the train stage first")
     from ampo.checkpoints import resolve_checkpoint
 
-    return {"id": record["id"], "path": resolve_checkpoint(record)}
+    return {"id": record["id"], "path": resolve_checkpoint(record, checkpoint_places(ctx.cfg))}
 
 
 def _eval_generation(ctx: RoundContext):

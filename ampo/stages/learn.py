@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
 
-from ampo.stages.context import RoundContext, candidate_checkpoint_id, write_json_atomic
+from ampo.stages.context import (
+    RoundContext,
+    candidate_checkpoint_id,
+    checkpoint_dir,
+    checkpoint_places,
+    write_json_atomic,
+)
 from ampo.store.pools import split_by_prompt
 
 GROUP_COLUMNS = ["id", "prompt_id", "prompt", "response", "reward", "role", "ref_logp_sum", "ref_logp_mean"]
@@ -82,7 +87,7 @@ def train(ctx: RoundContext) -> dict:
         raise ValueError(f"loss {cfg.loss.name!r} needs reference log-probs; run the reflogps stage first (with "
                          f"--force if it ran, and was skipped, under a reference-free loss)")
     ckpt_id = candidate_checkpoint_id(ctx.run, ctx.round)
-    out = Path(cfg.runtime.workdir) / "checkpoints" / ctx.run / ckpt_id
+    out = checkpoint_dir(cfg, ctx.run, ckpt_id)
     existing = ctx.store.get_checkpoint(ckpt_id)
     if existing is not None and existing["status"] in ("champion", "retired"):
         raise ValueError(f"round {ctx.round} of run {ctx.run!r} was already promoted: checkpoint {ckpt_id!r} is "
@@ -101,7 +106,10 @@ def train(ctx: RoundContext) -> dict:
     else:  # this process: the groups are handed over in memory, nothing is written to be read back
         metrics = run_spec(spec, progress=lambda step, total, _: ctx.report("train", step, total),
                            groups=groups).metrics
-    ctx.store.upsert_checkpoint({"id": ckpt_id, "run": ctx.run, "round": ctx.round, "path": str(out.resolve()),
+    # published (on object storage: every file uploaded, the manifest last) before it is registered: a checkpoint
+    # is visible to promotion only once it is complete where the registry says it is
+    path = checkpoint_places(cfg).publish(out, ctx.run, ckpt_id)
+    ctx.store.upsert_checkpoint({"id": ckpt_id, "run": ctx.run, "round": ctx.round, "path": path,
                                  "parent": ctx.start["id"], "status": "candidate",
                                  "config_hash": load_checkpoint_manifest(out).get("config_hash", ""),
                                  "data_version": ctx.store.version})  # fmt: skip

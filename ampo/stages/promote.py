@@ -4,7 +4,7 @@ commit, or is marked rejected; the round's data is tagged."""
 from __future__ import annotations
 
 from ampo.gates import Evaluation, decide
-from ampo.stages.context import RoundContext, StageResult, candidate_checkpoint_id
+from ampo.stages.context import RoundContext, StageResult, candidate_checkpoint_id, checkpoint_places
 
 
 def promote(ctx: RoundContext) -> StageResult:
@@ -22,7 +22,8 @@ def promote(ctx: RoundContext) -> StageResult:
     if decision.passed:
         from ampo.checkpoints import resolve_checkpoint
 
-        resolve_checkpoint(ctx.store.get_checkpoint(ckpt_id))  # never champion a folder without its manifest
+        # never champion a checkpoint without its manifest (on object storage: an unfinished upload)
+        resolve_checkpoint(ctx.store.get_checkpoint(ckpt_id), checkpoint_places(ctx.cfg))
         ctx.store.set_champion(ctx.run, ckpt_id, expected=ctx.start["id"])  # the champion the gate compared with
     elif ctx.store.get_checkpoint(ckpt_id)["status"] != "champion":
         ctx.store.upsert_checkpoint({"id": ckpt_id, "status": "rejected"})

@@ -13,7 +13,7 @@ See docs/store.md for the tables, the API and measured throughput.
 
 from ampo.store.candidates import CandidatesView
 from ampo.store.pools import PaddedPools, Pools, pools_from_arrow
-from ampo.store.store import INDEX_MIN_ROWS, Store, round_tag
+from ampo.store.store import INDEX_MIN_ROWS, Store, round_tag, store_exists
 from ampo.store.tables import StoreConflictError
 
 __all__ = [
@@ -25,4 +25,5 @@ __all__ = [
     "StoreConflictError",
     "pools_from_arrow",
     "round_tag",
+    "store_exists",
 ]

@@ -258,6 +258,13 @@ class Store:
         return created
 
 
+def store_exists(uri: str, *, storage_options: dict | None = None) -> bool:
+    """Whether a store was written at `uri` (it has the `rounds` table); creates nothing. For read-only commands on
+    an object-store URI, where no folder can be checked (opening a Store creates its empty tables)."""
+    db = lancedb.connect(str(uri), storage_options=storage_options)
+    return "rounds" in db.list_tables().tables
+
+
 def round_tag(run: str, round: int) -> str:
     """Tag name of (run, round): "{run}-r{round}" in the tag charset (a run id with '..' gets a hash suffix)."""
     run, round = validate_run_id(run), check_round(round)
