@@ -1,16 +1,22 @@
 """Wall time of one smoke round by stage, and the share spent outside the stages (orchestration and store).
 
-    .venv/bin/python benchmarks/round.py [--config infra/configs/smoke.yaml] [--set key.path=value ...]
+    .venv/bin/python benchmarks/round.py [--config infra/configs/smoke.yaml] [--set key.path=value ...] [--arms ...]
 
 (--set as in `ampo round`, e.g. --set prompts.per_round=96 --set eval.max_prompts=48 for a larger smoke round.)
 
-Runs an untimed warm-up round first (imports, model builds), then the round three times in the same process, each
-on a fresh store: as plain `run_stage` calls plus the round report (the baseline, no Prefect), as the Prefect flow
-on the temporary local server (started before timing) as `ampo round` runs it (no plots), and as the flow with
-`plots=True` (the report's three plots drawn and published, as every round did before plots became opt-in). For each: wall time, the seconds the stages
-recorded, and what is left (orchestration, store bookkeeping, the report); Prefect's own cost is the difference
-of the two wall times. That cost is then split by two empty flows timed in the same process: one with no task
-(Prefect's fixed cost per flow run) and one with as many no-op tasks as the round has (its cost per task).
+Runs an untimed warm-up round first (imports, model builds), then the round once per arm in the same process, each
+on a fresh store. Arms (--arms, comma-separated; default all but flow-plots):
+  plain-before  plain `run_stage` calls plus the round report (no Prefect), stage records written as before
+                (each stage re-reads its record before marking it running, and counts and re-reads it when done)
+  plain         the same with the records written now (two commits a stage, no other read of the rounds table)
+  flow-before   the Prefect flow on the temporary local server (started before timing), as `ampo round` runs it,
+                records as before
+  flow          the flow as it runs now
+  flow-plots    the flow with `plots=True` (the report's three plots drawn and published)
+For each: wall time, the seconds the stages recorded, and what is left (orchestration, store bookkeeping, the
+report). Prefect's own cost is the difference of the flow's and the plain arm's seconds outside the stages. That cost is then split by two empty
+flows timed in the same process: one with no task (Prefect's fixed cost per flow run) and one with as many no-op
+tasks as the round has (its cost per task).
 """
 
 from __future__ import annotations
@@ -29,11 +35,34 @@ for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "LANCE_LO
                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}.items():
     os.environ.setdefault(key, value)
 
+import contextlib
+
 import yaml
 
 from ampo.config import load_config
 from ampo.stages import STAGES, run_stage
 from ampo.stages.context import open_store
+
+
+@contextlib.contextmanager
+def records_as_before():
+    """Stage records written as before: stage_started reads the stage's record itself, and stage_done counts the
+    row and reads the round's records back (the runner's `previous` and `started` dropped)."""
+    from ampo.store import Store, stage_records
+
+    saved = Store.stage_started, Store.stage_done
+
+    def stage_started(self, run, round, stage, *, previous=None):
+        return stage_records.stage_started(self.rounds, run, round, stage)
+
+    def stage_done(self, run, round, stage, counts, seconds, *, started=None, **extra):
+        return saved[1](self, run, round, stage, counts, seconds, **extra)
+
+    Store.stage_started, Store.stage_done = stage_started, stage_done
+    try:
+        yield
+    finally:
+        Store.stage_started, Store.stage_done = saved
 
 
 def stage_seconds(cfg, run: str) -> dict[str, float]:
@@ -49,6 +78,11 @@ def plain(cfg, plots: bool = False) -> float:
         run_stage(name, cfg, "bench", 0)
     write_round_report(cfg, "bench", 0, plots=plots)
     return time.perf_counter() - start
+
+
+def before(runner, cfg) -> float:
+    with records_as_before():
+        return runner(cfg)
 
 
 def with_prefect(cfg, plots: bool = False) -> float:
@@ -113,6 +147,8 @@ def prefect_fixed_costs(tasks: int, repeats: int = 3) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arms", default="plain-before,plain,flow-before,flow",
+                        help="plain-before, plain, flow-before, flow, flow-plots (see above)")
     parser.add_argument("--config", default=str(REPO / "infra" / "configs" / "smoke.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, as in `ampo round --set`")
@@ -126,13 +162,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:  # warm-up, untimed
         plain(load_config(args.config, {**overrides, "store.uri": f"{tmp}/store", "runtime.workdir": f"{tmp}/work"}),
               plots=True)  # matplotlib imported outside the timed rounds
+    runners = {"plain-before": lambda cfg: before(plain, cfg), "plain": plain,
+               "flow-before": lambda cfg: before(with_prefect, cfg), "flow": with_prefect,
+               "flow-plots": lambda cfg: with_prefect(cfg, plots=True)}  # fmt: skip
+    unknown = sorted(set(args.arms.split(",")) - set(runners))
+    if unknown:
+        parser.error(f"--arms {unknown}: choose from {list(runners)}")
     rows = []
-    arms = (("plain run_stage (baseline)", plain), ("Prefect flow", with_prefect),
-            ("Prefect flow, plots=True", lambda cfg: with_prefect(cfg, plots=True)))  # the round as it was before
-    for label, runner in arms:
+    for label in args.arms.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             cfg = load_config(args.config, {**overrides, "store.uri": f"{tmp}/store", "runtime.workdir": f"{tmp}/work"})
-            wall = runner(cfg)
+            wall = runners[label](cfg)
             stages = stage_seconds(cfg, "bench")
             rows.append((label, wall, stages))
     print(f"| stage | {' | '.join(label for label, _, _ in rows)} |")
@@ -143,8 +183,17 @@ def main() -> None:
         inside = sum(stages.values())
         print(f"\n{label}: wall {wall:.2f} s, stages {inside:.2f} s, outside the stages {wall - inside:.2f} s "
               f"= {100 * (wall - inside) / wall:.1f}%")
-    print(f"\nPrefect flow / plain wall-time ratio: {rows[1][1] / rows[0][1]:.2f}; Prefect's own cost "
-          f"{rows[1][1] - rows[0][1]:.1f} s = {100 * (rows[1][1] - rows[0][1]) / rows[1][1]:.1f}% of the flow's wall time")
+    walls = {label: (wall, wall - sum(stages.values())) for label, wall, stages in rows}
+    for now, was in (("plain", "plain-before"), ("flow", "flow-before")):
+        if now in walls and was in walls:
+            print(f"{now}: outside the stages {walls[now][1]:.2f} s vs {walls[was][1]:.2f} s before = "
+                  f"{walls[now][1] / walls[was][1]:.2f}x")
+    if "plain" in walls and "flow" in walls:  # seconds outside the stages: steadier than wall times on a shared machine
+        cost = walls["flow"][1] - walls["plain"][1]
+        print(f"Prefect's own cost (flow minus plain, outside the stages): {cost:.2f} s")
+    print(f"load_avg_1m={os.getloadavg()[0]:.1f}")
+    if not any(label.startswith("flow") for label in walls):
+        return
     tasks = len(STAGES) + 1  # the stages and the report
     per_flow, per_task = prefect_fixed_costs(tasks)
     print(f"Prefect, measured on empty flows: {per_flow:.2f} s per flow run + {1000 * per_task:.0f} ms per task "

@@ -295,6 +295,30 @@ def test_the_starting_policy_is_fixed_by_an_explicit_step(tmp_path):
     assert fix_start(RoundContext(cfg, "s", 1, store))["id"] == "s-other"  # the next round starts from the champion
 
 
+def test_each_stage_checks_its_start_without_reading_a_registry_row_twice(tmp_path, monkeypatch):
+    """A round's stages each check their starting checkpoint: its registry row is read once per process and
+    checkpoint (its round never changes, rows are never deleted), the manifest every time."""
+    from ampo.checkpoints import MissingManifestError, write_json_atomic
+    from ampo.stages.context import RoundContext, fix_start
+
+    cfg = smoke_config(tmp_path)
+    store = open_store(cfg)
+    fix_start(RoundContext(cfg, "c", 0, store))
+    folder = tmp_path / "ckpt"
+    write_json_atomic(folder / "manifest.json", {"id": "c-r0"})
+    store.upsert_checkpoint({"id": "c-r0", "run": "c", "round": 0, "path": str(folder), "status": "candidate"})
+    store.set_champion("c", "c-r0")
+    reads = []
+    real = type(store).get_checkpoint
+    monkeypatch.setattr(type(store), "get_checkpoint", lambda self, i: reads.append(i) or real(self, i))
+    first = fix_start(RoundContext(cfg, "c", 1, store))  # round 1 starts from c-r0: its row read once
+    assert first == {"id": "c-r0", "path": str(folder)} and reads == ["c-r0"]
+    assert fix_start(RoundContext(cfg, "c", 1, store)) == first and reads == ["c-r0"]  # the next stage: no read
+    (folder / "manifest.json").unlink()
+    with pytest.raises(MissingManifestError):
+        fix_start(RoundContext(cfg, "c", 1, store))  # the manifest is still checked
+
+
 def test_the_trainer_entry_needs_the_groups_in_memory_or_in_a_file():
     from ampo.trainer import TrainSpec, run_spec
 

@@ -11,7 +11,7 @@ import pytest
 from ampo.schema import candidate_id
 from ampo.store import INDEX_MIN_ROWS, Store, StoreConflictError, round_tag
 from ampo.store import filters as F
-from ampo.store.tables import upsert
+from ampo.store.tables import scan, upsert
 
 DIM = 4
 
@@ -247,6 +247,33 @@ def test_stage_bookkeeping(store):
     store.stage_done("r", 0, "promote", {}, 0.1, gate={"passed": False, "win_rate": 0.25})
     assert store.stage_status("r", 0)["promote"]["gate"] == {"passed": False, "win_rate": 0.25}
     assert store.stage_status("r", 0)["promote"]["attempts"] == 1  # done without a start record
+
+
+def test_stage_records_from_what_the_runner_read_equal_the_stored_ones(store, monkeypatch):
+    """run_stage passes its status read to stage_started and stage_started's record to stage_done: the record
+    returned without a read back must equal the one stage_status reads, on a first attempt and on a retry that
+    keeps the earlier attempt's fields until done replaces them; and the two commits are the only table accesses."""
+    from ampo.store import stage_records
+
+    reads = []
+    monkeypatch.setattr(stage_records, "scan", lambda *a, **k: reads.append("scan") or scan(*a, **k))
+    started = store.stage_started("r", 0, "generate", previous=None)
+    assert started["attempts"] == 1 and reads == []
+    version = store.upsert_candidates(rows_for("r", 0, {"p": 2}))
+    rounds_version = store.rounds.version
+    record = store.stage_done("r", 0, "generate", {"rows": np.int64(2)}, 1.5, metrics={"gen/tokens": 21.0},
+                              started=started)  # fmt: skip
+    assert reads == [] and store.rounds.version == rounds_version + 1  # one commit, no read
+    assert record == store.stage_status("r", 0)["generate"]
+    assert record["store_version"] == version and record["counts"] == {"rows": 2} and record["attempts"] == 1
+    previous = store.stage_status("r", 0)["generate"]
+    reads.clear()
+    again = store.stage_started("r", 0, "generate", previous=previous)  # a forced re-run: attempt 2
+    assert again["attempts"] == 2 and reads == []
+    assert store.stage_status("r", 0)["generate"]["counts"] == {"rows": 2}  # kept while running
+    record = store.stage_done("r", 0, "generate", {}, 0.25, gate={"passed": True}, started=again)
+    assert record == store.stage_status("r", 0)["generate"]
+    assert (record["attempts"], record["counts"], record["gate"], record["seconds"]) == (2, {}, {"passed": True}, 0.25)
 
 
 def test_tag_pins_a_round_and_checkout_reads_it(store):

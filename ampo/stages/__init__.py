@@ -74,7 +74,7 @@ def run_stage(name: str, cfg: RunConfig, run: str, round_: int, *, force: bool =
     if missing:
         raise ValueError(f"stage {name!r} of run {run!r} round {round_} needs {missing} to finish first")
     ctx = RoundContext(cfg, run, round_, store, progress)
-    store.stage_started(run, round_, name)
+    started = store.stage_started(run, round_, name, previous=status.get(name))
     start = time.perf_counter()
     try:
         ctx.started_from = fix_start(ctx)  # the round's first step, for real before generate; later stages reread it
@@ -85,7 +85,7 @@ def run_stage(name: str, cfg: RunConfig, run: str, round_: int, *, force: bool =
     if not isinstance(result, StageResult):
         result = StageResult(result)
     record = store.stage_done(run, round_, name, result.counts, time.perf_counter() - start,
-                              metrics=result.metrics, gate=result.gate)  # fmt: skip
+                              metrics=result.metrics, gate=result.gate, started=started)  # fmt: skip
     if name == STAGES[-1]:
         optimize_store(store)  # the round is complete
     return {**record, "skipped": False}

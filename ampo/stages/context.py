@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -113,10 +114,21 @@ class RoundContext:
         """{"id", "path"} of a checkpoint that may be read: its registry row (for its round) with the path given."""
         from ampo.checkpoints import resolve_checkpoint
 
-        row = self.store.get_checkpoint(ref["id"])
-        if row is None:
-            raise ValueError(f"run {self.run!r} round {self.round}: checkpoint {ref['id']!r} is not in the registry")
+        registered = _REGISTERED.setdefault(self.store, {})  # id -> registry row, of rows read in this process
+        if ref["id"] not in registered:
+            row = self.store.get_checkpoint(ref["id"])
+            if row is None:
+                raise ValueError(f"run {self.run!r} round {self.round}: checkpoint {ref['id']!r} is not in the registry")
+            registered[ref["id"]] = row
+        row = registered[ref["id"]]
         return {"id": ref["id"], "path": resolve_checkpoint({**row, "path": ref["path"]}, checkpoint_places(self.cfg))}
+
+
+# Store -> {checkpoint id: registry row} of rows already read in this process: every stage of a round checks its
+# starting checkpoint, and a row, once written, is never deleted and keeps its id's round and path (ids are made
+# from the run and round), so one read per checkpoint and process is enough; the manifest is still checked every
+# time.
+_REGISTERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def fix_start(ctx: RoundContext) -> dict:

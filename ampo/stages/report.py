@@ -33,7 +33,8 @@ def write_round_report(cfg: RunConfig, run: str, round_: int, *, plots: bool = T
     out = round_dir(cfg, run, round_) / "report"
     out.mkdir(parents=True, exist_ok=True)
     stages = store.stage_status(run, round_)
-    rows = store.read_rows(run, round_, ["prompt_id", "prompt", "response", "reward", "role", "vector"])
+    columns = ["prompt_id", "prompt", "response", "reward", "role"] + (["vector"] if plots else [])  # map only
+    rows = store.read_rows(run, round_, columns)
     scored = rows.filter(rows["reward"].is_valid())
     prompt_ids = np.asarray(scored["prompt_id"].to_pylist(), dtype=object)
     rewards = scored["reward"].to_numpy(zero_copy_only=False).astype(float)

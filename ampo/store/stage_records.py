@@ -2,6 +2,10 @@
 
 The record is written last, after the stage's data, with the candidates table version at that moment; a crash
 before it leaves the stage `running`, and a re-run repeats it (its writes are idempotent upserts).
+
+A stage costs two commits (running, done) and, when the runner passes along what it has read, no other read: the
+runner's status read gives `stage_started` the previous record, and `stage_started`'s record gives `stage_done` the
+row's existence and the fields it keeps, so `stage_done` returns the finished record without reading it back.
 """
 
 from __future__ import annotations
@@ -18,15 +22,24 @@ from ampo.store.tables import scan, upsert
 JSON_FIELDS = ("counts", "metrics", "gate")
 
 
-def stage_started(table: Table, run: str, round: int, stage: str) -> None:
-    """Mark (run, round, stage) running; a re-started stage counts one more attempt."""
+UNREAD = object()  # stage_started's `previous` when the caller has not read the stage's record
+
+
+def stage_started(table: Table, run: str, round: int, stage: str, *, previous: dict | None | object = UNREAD) -> dict:
+    """Mark (run, round, stage) running; a re-started stage counts one more attempt. Returns the record written.
+
+    previous: the stage's record as the caller read it (an entry of `stage_status`, None when it has none), which
+    saves reading it again; by default it is read here."""
     key = stage_id(run, round, stage)
-    previous = scan(table, filters.id_is(key), ["attempts"])
-    attempts = previous["attempts"][0].as_py() + 1 if previous.num_rows else 1
+    if previous is UNREAD:
+        found = scan(table, filters.id_is(key), ["attempts"])
+        previous = {"attempts": found["attempts"][0].as_py()} if found.num_rows else None
+    exists = previous is not None
+    attempts = previous["attempts"] + 1 if exists else 1
     record = {"id": key, "run": run, "round": round, "stage": stage, "status": "running", "attempts": attempts,
               "started_at": utcnow(), "finished_at": None, "seconds": None, "message": ""}  # fmt: skip
-    exists = previous.num_rows > 0
     upsert(table, to_table([record], RoundStage, partial=exists), insert=not exists)
+    return record
 
 
 def stage_done(
@@ -41,17 +54,24 @@ def stage_done(
     metrics: dict | None = None,
     gate: dict | None = None,
     message: str = "",
+    started: dict | None = None,
 ) -> dict:
-    """Write the completion record of (run, round, stage); call it after the stage's data is written."""
+    """Write the completion record of (run, round, stage); call it after the stage's data is written. Returns the
+    record as `stage_status` reads it.
+
+    started: the record `stage_started` wrote for this attempt; with it the row is known to exist and the record is
+    returned without reading it back (one commit, no read)."""
     record = {
         "id": stage_id(run, round, stage), "run": run, "round": round, "stage": stage, "status": "done",
         "finished_at": utcnow(), "seconds": float(seconds), "store_version": store_version,
         "counts": _dumps(counts, "counts"), "metrics": _dumps(metrics or {}, "metrics"),
         "gate": None if gate is None else _dumps(gate, "gate"), "message": message,
     }  # fmt: skip
-    exists = table.count_rows(filters.id_is(record["id"])) > 0
+    exists = started is not None or table.count_rows(filters.id_is(record["id"])) > 0
     upsert(table, to_table([record], RoundStage, partial=exists), insert=not exists)
-    return stage_status(table, run, round)[stage]
+    if started is None:
+        return stage_status(table, run, round)[stage]
+    return _decoded([{**{f: None for f in RoundStage.model_fields}, **started, **record}])[0]
 
 
 def stage_failed(table: Table, run: str, round: int, stage: str, message: str) -> None:

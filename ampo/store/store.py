@@ -165,11 +165,13 @@ class Store:
 
     # -- stages (the `rounds` table) ---------------------------------------------------------------------------
 
-    def stage_started(self, run: str, round: int, stage: str) -> None:
-        stage_records.stage_started(self.rounds, run, round, stage)
+    def stage_started(self, run: str, round: int, stage: str, *, previous=stage_records.UNREAD) -> dict:
+        """Mark the stage running (one commit); `previous`: its record as read by the caller (None: it has none)."""
+        return stage_records.stage_started(self.rounds, run, round, stage, previous=previous)
 
     def stage_done(self, run: str, round: int, stage: str, counts: dict, seconds: float, **extra) -> dict:
-        """Completion record of a stage, written last with the candidates version; extra: metrics, gate, message."""
+        """Completion record of a stage, written last with the candidates version; extra: metrics, gate, message, and
+        started (stage_started's record: no read besides the version)."""
         return stage_records.stage_done(
             self.rounds,
             run,
