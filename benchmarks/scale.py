@@ -5,11 +5,12 @@
 
 Generation (`bench_generation`): the generate stage's engine work (ampo.stages.compute.engine_pool, the prompts cut
 into GENERATE_BATCH shards with per-prompt seeds) locally and over 1, 2, ... Ray actors (num_cpus=1 each), in one
-run, on one local Ray instance. Each arm opens its pool, runs a warm-up pass over the first shard per engine (the
-engines load), then times one pass over all shards; the ratio is tokens/s against the local arm. The engines'
-responses are compared with the local arm's (they must be identical: same seeds, same batches). With 2 cores
-expect no speed-up from 2 actors: the figure shows Ray's overhead (actor processes, serialisation, one torch
-thread per actor instead of two threads in one process).
+run, on one local Ray instance. The local path runs twice: with torch's default threads (as ampo runs it) and with
+one thread (as an actor with num_cpus=1 computes: Ray sets OMP_NUM_THREADS to it). Each arm opens its pool, runs a
+warm-up pass over the first shard per engine (the engines load), then times one pass over all shards; ratios are
+tokens/s against both local arms. The responses are compared with the local arm's (they must be identical: same
+seeds, same batches). With 2 cores expect no speed-up from 2 actors: the figure shows Ray's overhead (actor
+processes, serialisation, one thread per actor).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def bench_generation(*, model: str = "tiny-llama", backend: str = "transformers"
     load_s, gen_s, tokens, tok_s, ratio to local, same texts as local). Starts a local Ray instance with 2 CPUs
     (its start time is the row `ray start`) and shuts it down."""
     import ray
+    import torch
 
     from ampo.config import GenerationConfig, RayActors, RuntimeConfig
     from ampo.generation import derive_seed
@@ -71,7 +73,13 @@ def bench_generation(*, model: str = "tiny-llama", backend: str = "transformers"
     shards = [(texts[lo : lo + GENERATE_BATCH], seeds[lo : lo + GENERATE_BATCH], n)
               for lo in range(0, prompts, GENERATE_BATCH)]  # fmt: skip
     local = RuntimeConfig(device="cpu")
-    rows = [{"arm": "local", "engines": 1, **_generation_arm(local, path, cfg, shards)}]
+    threads = torch.get_num_threads()
+    rows = [{"arm": f"local, {threads} torch threads", "engines": 1, **_generation_arm(local, path, cfg, shards)}]
+    torch.set_num_threads(1)  # as in one actor with num_cpus=1 (Ray sets OMP_NUM_THREADS=1 there)
+    try:
+        rows.append({"arm": "local, 1 torch thread", "engines": 1, **_generation_arm(local, path, cfg, shards)})
+    finally:
+        torch.set_num_threads(threads)
     start = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     rows.append({"arm": "ray start", "engines": 0, "load_s": time.perf_counter() - start})
@@ -82,10 +90,11 @@ def bench_generation(*, model: str = "tiny-llama", backend: str = "transformers"
                          **_generation_arm(runtime, path, cfg, shards)})  # fmt: skip
     finally:
         ray.shutdown()
-    base = rows[0]
+    base, one_thread = rows[0], rows[1]
     for row in rows:
         if "tok_s" in row:
             row["ratio"] = row["tok_s"] / base["tok_s"]
+            row["ratio_1"] = row["tok_s"] / one_thread["tok_s"]
             row["same_texts"] = row["texts"] == base["texts"]
     return rows
 
@@ -93,14 +102,15 @@ def bench_generation(*, model: str = "tiny-llama", backend: str = "transformers"
 def print_generation(rows: list[dict], args: argparse.Namespace) -> None:
     print(f"\nmodel={args.model} backend={args.backend} | {args.prompts} prompts x n={args.n} x <= "
           f"{args.max_new_tokens} new tokens | load_avg_1m={os.getloadavg()[0]:.1f} cpus={os.cpu_count()}\n")  # fmt: skip
-    print("| arm | load + warm-up s | generate s | tokens | tokens/s | vs local | same texts as local |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print("| arm | load + warm-up s | generate s | tokens | tokens/s | vs local | vs local, 1 thread "
+          "| same texts as local |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         if "tok_s" not in r:
-            print(f"| {r['arm']} | {r['load_s']:.1f} | | | | | |")
+            print(f"| {r['arm']} | {r['load_s']:.1f} | | | | | | |")
             continue
         print(f"| {r['arm']} | {r['load_s']:.1f} | {r['gen_s']:.2f} | {r['tokens']} | {r['tok_s']:.0f} "
-              f"| {r['ratio']:.2f}x | {'yes' if r['same_texts'] else 'NO'} |")  # fmt: skip
+              f"| {r['ratio']:.2f}x | {r['ratio_1']:.2f}x | {'yes' if r['same_texts'] else 'NO'} |")  # fmt: skip
 
 
 def main() -> None:

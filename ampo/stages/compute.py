@@ -116,7 +116,8 @@ class LocalPool:
 
 
 class EngineHost:
-    """The body of a Ray actor: builds ENGINES[kind](*args) once, then runs shards on it."""
+    """The body of a Ray actor: builds ENGINES[kind](*args) once, then runs shards on it (the actor's process ends
+    with `ray.kill`, which frees the engine's memory)."""
 
     def __init__(self, kind: str, args: tuple):
         self._context = ENGINES[kind](*args)
@@ -124,9 +125,6 @@ class EngineHost:
 
     def run(self, payload: Any) -> Any:
         return self._engine(payload)
-
-    def close(self) -> None:
-        self._context.__exit__(None, None, None)
 
 
 class RayPool:
