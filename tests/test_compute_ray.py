@@ -159,3 +159,17 @@ def test_the_evaluations_sampling_on_two_actors_gives_the_local_answers(local_ra
         policy = {"id": "tiny", "path": resolve_policy(cfg.policy)}
         outputs.append(_policy_outputs(ctx, policy, prompts, RewardStack(cfg.reward, cfg.runtime)))
     assert len(outputs[0]["responses"]) == 6 and outputs[1] == outputs[0]
+
+
+def test_a_ray_that_does_not_start_is_an_error_naming_the_setting(monkeypatch):
+    from ampo.stages.compute import connect_ray
+
+    def fails(**kwargs):
+        raise Exception("The current node timed out during startup.")  # noqa: TRY002 - as ray.init raises it
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fails)
+    with pytest.raises(RuntimeError, match=r"starting a local Ray failed: The current node timed out.*ray_address"):
+        connect_ray(RuntimeConfig(compute="ray"))
+    with pytest.raises(RuntimeError, match=r"runtime.ray_address='ray://head:10001'"):
+        connect_ray(RuntimeConfig(compute="ray", ray_address="ray://head:10001"))

@@ -220,4 +220,9 @@ def connect_ray(runtime: RuntimeConfig) -> None:
         return
     address = runtime.ray_address or None
     log.info("ray: %s", f"joining {address}" if address else "starting a local instance")
-    ray.init(address=address, include_dashboard=False if address is None else None, logging_level=logging.WARNING)
+    try:
+        ray.init(address=address, include_dashboard=False if address is None else None, logging_level=logging.WARNING)
+    except Exception as err:  # ray raises a bare Exception when its node does not start in time
+        where = f"joining the Ray cluster at runtime.ray_address={address!r}" if address else "starting a local Ray"
+        raise RuntimeError(f"{where} failed: {err}. Start one by hand (`ray start --head`) and set "
+                           "runtime.ray_address, or use runtime.compute: local") from err  # fmt: skip
