@@ -96,7 +96,8 @@ def test_local_and_two_actor_ray_runs_store_the_same_rows(local_ray, tmp_path, m
 
 def test_a_failed_shard_keeps_the_finished_ones_and_the_rerun_does_the_rest(local_ray, tmp_path):
     """Score over 2 actors with a reward that fails on one prompt: the other shard is written; a re-run with a
-    working reward scores only the rest, and every reward is the hand-computable instruction count."""
+    working reward (in this process: what a resume does next is read from the store, not from how the failed
+    attempt ran) scores only the rest, and every reward is the hand-computable instruction count."""
     broken = {"reward.components": [{"kind": "python", "function": "stage_rewards:fails_on_first_prompt"}]}
     fixed = {"reward.components": [{"kind": "python", "function": "stage_rewards:instruction_count"}]}
     cfg = smoke_config(tmp_path, **{"prompts.per_round": 4}, **broken)
@@ -108,7 +109,7 @@ def test_a_failed_shard_keeps_the_finished_ones_and_the_rerun_does_the_rest(loca
     scored = rows.filter(pc.is_valid(rows["reward"]))
     # 24 rows in 2 shards of 12 (gen-0-0 and gen-0-1; gen-0-2 and gen-0-3): the first fails, the second is kept
     assert sorted(set(scored["prompt_id"].to_pylist())) == ["gen-0-2", "gen-0-3"] and scored.num_rows == 12
-    resumed = run_stage("score", on_ray.model_copy(update={"reward": smoke_config(tmp_path, **fixed).reward}), "f", 0)
+    resumed = run_stage("score", cfg.model_copy(update={"reward": smoke_config(tmp_path, **fixed).reward}), "f", 0)
     assert resumed["counts"]["already_scored"] == 12 and resumed["counts"]["scored"] == 24
     rows = open_store(cfg).read_rows("f", 0, ["reward", "instruction_id_list", "instruction_kwargs"]).to_pylist()
     # instruction_count: number of instructions + 0.5 x the number of keyword arguments over them
@@ -117,6 +118,7 @@ def test_a_failed_shard_keeps_the_finished_ones_and_the_rerun_does_the_rest(loca
     assert [r["reward"] for r in rows] == expected and len(set(expected)) > 1
 
 
+@pytest.mark.slow
 def test_vllm_engines_on_two_actors_give_the_local_rows(local_ray, tmp_path, monkeypatch):
     import ampo.stages.data
 
