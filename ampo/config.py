@@ -316,13 +316,36 @@ class EvalConfig(_Frozen):
     gates: Gates = Gates()
 
 
+class RayActors(_Frozen):
+    """The pool of Ray actors that runtime.compute: ray shards a stage's prompts over; each actor loads the stage's
+    engine (generator, reward stack or embedder) once (docs/deployments.md)."""
+
+    actors: int = Field(2, ge=1)  # engines per stage
+    num_cpus: float = Field(1.0, ge=0.0)  # reserved per actor
+    num_gpus: float = Field(0.0, ge=0.0)  # per actor; 1 per vLLM engine on a GPU cluster (tensor_parallel_size GPUs)
+
+
+RAY_ADDRESS_FORMS = "'' (start a local Ray instance), 'auto' (join this node's cluster), 'ray://host:port' or 'host:port'"
+
+
 class RuntimeConfig(_Frozen):
     workdir: str = ".ampo"  # checkpoints, artifacts, caches of this run live under here
+    compute: Literal["local", "ray"] = "local"  # ray: generate, score, embed and evaluation sampling on Ray actors
+    ray_address: str = ""  # with compute: ray; one of RAY_ADDRESS_FORMS
+    ray_actors: RayActors = RayActors()
     stage_isolation: Literal["inprocess", "subprocess"] = "inprocess"  # subprocess frees GPU memory per stage
     launcher: Literal["python", "accelerate"] = "python"  # training: `accelerate launch` for multi-GPU
     accelerate_config: str | None = None  # e.g. infra/accelerate/fsdp.yaml
     trust_remote_code: bool = False  # never on unless the user turns it on
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _ray_address_form(self) -> RuntimeConfig:
+        address = self.ray_address
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        if address not in ("", "auto") and not (host and port.isdigit()):
+            raise ValueError(f"runtime.ray_address={address!r} is not one of {RAY_ADDRESS_FORMS}")
+        return self
 
 
 class RunConfig(_Frozen):

@@ -7,7 +7,7 @@ nothing is downloaded; any other name is a local folder (or a hub name, which ne
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 BUNDLED_NAMES = (DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}")
 Progress = Callable[[int, int], None]  # (texts done, texts in all)
+MapShards = Callable[[Sequence[list[str]]], Iterable[tuple[int, np.ndarray]]]  # texts per shard -> (shard, vectors)
 
 
 @runtime_checkable
@@ -97,23 +98,49 @@ def embedding_texts(prompts: Sequence[str], responses: Sequence[str], mode: str 
 
 
 def embed_round(
-    store, run: str, round: int, embedder: Embedder, *, text: str = "response", chunk_rows: int = 2048
-) -> dict[str, int]:
-    """The embed stage: vectors for the round's rows that have none, written every `chunk_rows` rows.
+    store, run: str, round: int, embedder: Embedder | None, *, text: str = "response",
+    chunk_rows: int | Callable[[int], int] = 2048, map_shards: MapShards | None = None,
+    progress: Progress | None = None,
+) -> dict[str, int]:  # fmt: skip
+    """The embed stage: vectors for the round's rows that have none, written every `chunk_rows` rows (a number, or
+    a function of the number of rows to embed) as each chunk is done.
 
-    A re-run after a crash embeds only what is missing. Returns counts {"embedded", "already_embedded"}.
+    `map_shards` (a pool of ampo.stages.compute, whose engines check their own size) embeds the chunks' texts and
+    yields (chunk index, vectors) as they finish; by default `embedder.embed` runs them in order. A re-run after a
+    crash embeds only what is missing. Returns counts {"embedded", "already_embedded"}.
     """
-    if embedder.dim != store.dim:
+    if embedder is not None and embedder.dim != store.dim:
         raise ValueError(
             f"embedder dim {embedder.dim} != store dim {store.dim}; open the store with dim={embedder.dim}"
         )
     rows = store.read_rows(run, round, ["id", "prompt", "response"], embedded=False)
     already = store.count(run, round) - rows.num_rows
-    for start in range(0, rows.num_rows, chunk_rows):
-        chunk = rows.slice(start, chunk_rows)
-        texts = embedding_texts(chunk["prompt"].to_pylist(), chunk["response"].to_pylist(), text)
-        store.update_candidates(chunk["id"], vector=embedder.embed(texts))
+    size = chunk_rows(rows.num_rows) if callable(chunk_rows) else chunk_rows
+    chunks = [rows.slice(start, size) for start in range(0, rows.num_rows, size)]
+    shards = _Texts(chunks, text)
+    if map_shards is None:
+        map_shards = lambda texts: ((i, embedder.embed(texts[i])) for i in range(len(texts)))
+    done = 0
+    for i, vectors in map_shards(shards):
+        store.update_candidates(chunks[i]["id"], vector=vectors)
+        done += chunks[i].num_rows
+        if progress is not None:
+            progress(done, rows.num_rows)
     return {"embedded": rows.num_rows, "already_embedded": already}
+
+
+class _Texts(Sequence):
+    """The texts to embed of each chunk, built when asked for (one chunk's in memory at a time)."""
+
+    def __init__(self, chunks: list, mode: str):
+        self.chunks, self.mode = chunks, mode
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> list[str]:
+        chunk = self.chunks[i]
+        return embedding_texts(chunk["prompt"].to_pylist(), chunk["response"].to_pylist(), self.mode)
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 GENERATE_BATCH = 16  # prompts per generate call and per store commit: a crash loses at most this much sampling
 SCORE_BATCH = 1024  # responses per reward call and per store commit
+EMBED_BATCH = 2048  # responses per embed call and per store commit
 
 
 def round_prompts(ctx: RoundContext) -> list:
@@ -61,20 +62,25 @@ def _skip_too_long(ctx: RoundContext, todo: list, counts: dict) -> list:
 
 
 def _generate(ctx: RoundContext, todo: list, counts: dict) -> None:
-    from ampo.generation import derive_seed, make_generator
+    """Sample the `todo` prompts in batches of GENERATE_BATCH (the shards of runtime.compute: ray), each batch
+    committed as soon as it is done."""
+    from ampo.generation import derive_seed
+    from ampo.stages.compute import engine_pool
 
     cfg, n = ctx.cfg, ctx.cfg.generation.n
     versions = _lib_versions()
-    with make_generator(ctx.start["path"], cfg.generation, cfg.runtime) as generator:
-        for lo in range(0, len(todo), GENERATE_BATCH):
-            batch = todo[lo : lo + GENERATE_BATCH]
-            seeds = [derive_seed(ctx.run, ctx.round, p.prompt_id) for p in batch]
-            samples = generator.generate([p.prompt for p in batch], n=n, seeds=seeds)
-            rows = [_row(ctx, p, i, s, seed, versions) for p, seed, pool in zip(batch, seeds, samples)
-                    for i, s in enumerate(pool)]  # fmt: skip
+    batches = [todo[lo : lo + GENERATE_BATCH] for lo in range(0, len(todo), GENERATE_BATCH)]
+    seeds = [[derive_seed(ctx.run, ctx.round, p.prompt_id) for p in batch] for batch in batches]
+    shards = [([p.prompt for p in batch], batch_seeds, n) for batch, batch_seeds in zip(batches, seeds)]
+    done = 0
+    with engine_pool(cfg.runtime, "generate", ctx.start["path"], cfg.generation, cfg.runtime) as pool:
+        for b, samples in pool.map(shards):
+            rows = [_row(ctx, p, i, s, seed, versions) for p, seed, pool_ in zip(batches[b], seeds[b], samples)
+                    for i, s in enumerate(pool_)]  # fmt: skip
             ctx.store.upsert_candidates(rows)
             counts["generated_now"] += len(rows)
-            ctx.report("generate", lo + len(batch), len(todo))
+            done += len(batches[b])
+            ctx.report("generate", done, len(todo))
 
 
 def _row(ctx: RoundContext, prompt, sample: int, s, seed: int, versions: str) -> dict:
@@ -120,7 +126,7 @@ def score(ctx: RoundContext) -> dict:
     matched by id, and are counted in `prompts_from_config`. `scored` and `dropped` count the round's responses
     over every attempt; the reward components' own counts ("{column}/...") count this attempt's responses.
     """
-    from ampo.rewards import RewardStack
+    from ampo.stages.compute import LazyShards, engine_pool, shard_size, workers
 
     rows = ctx.store.read_rows(ctx.run, ctx.round, SCORE_COLUMNS)
     pending = rows.filter(pc.and_(pc.is_null(rows["reward"]), pc.is_null(rows["dropped_reason"])))
@@ -133,20 +139,23 @@ def score(ctx: RoundContext) -> dict:
     by_id = {p.prompt_id: p for p in round_prompts(ctx)} if legacy else {}
     if legacy:
         counts["prompts_from_config"] = legacy
-    stack = RewardStack(ctx.cfg.reward, ctx.cfg.runtime)
-    for lo in range(0, pending.num_rows, SCORE_BATCH):
-        chunk = pending.slice(lo, SCORE_BATCH)
-        prompts = _row_prompts(chunk, by_id)
-        result = stack.score(prompts, chunk["response"].to_pylist())
-        parts = [json.dumps({c: float(v[i]) for c, v in result.parts.items()}) for i in range(chunk.num_rows)]
-        reward = [None if d else float(t) for d, t in zip(result.dropped, result.total)]
-        ctx.store.update_candidates(chunk["id"], reward=reward, reward_parts=parts, dropped_reason=result.reasons)
-        counts["scored"] += int((~result.dropped).sum())
-        counts["dropped"] += int(result.dropped.sum())
-        for key, value in result.counts.items():
-            if key not in ("responses", "dropped"):
-                counts[key] = counts.get(key, 0) + int(value)
-        ctx.report("score", lo + chunk.num_rows, pending.num_rows)
+    size = shard_size(pending.num_rows, workers(ctx.cfg.runtime), SCORE_BATCH)
+    chunks = [pending.slice(lo, size) for lo in range(0, pending.num_rows, size)]
+    shards = LazyShards(len(chunks), lambda c: (_row_prompts(chunks[c], by_id), chunks[c]["response"].to_pylist()))
+    done = 0
+    with engine_pool(ctx.cfg.runtime, "score", ctx.cfg.reward, ctx.cfg.runtime) as pool:
+        for c, result in pool.map(shards):
+            chunk = chunks[c]
+            parts = [json.dumps({k: float(v[i]) for k, v in result.parts.items()}) for i in range(chunk.num_rows)]
+            reward = [None if d else float(t) for d, t in zip(result.dropped, result.total)]
+            ctx.store.update_candidates(chunk["id"], reward=reward, reward_parts=parts, dropped_reason=result.reasons)
+            counts["scored"] += int((~result.dropped).sum())
+            counts["dropped"] += int(result.dropped.sum())
+            for key, value in result.counts.items():
+                if key not in ("responses", "dropped"):
+                    counts[key] = counts.get(key, 0) + int(value)
+            done += chunk.num_rows
+            ctx.report("score", done, pending.num_rows)
     return counts
 
 
@@ -175,12 +184,20 @@ def _prompt_of(by_id: dict, prompt_id: str):
 
 
 def embed(ctx: RoundContext) -> dict:
-    """Embed every response that has no vector yet."""
-    from ampo.embedding import SentenceTransformerEmbedder, embed_round
-    from ampo.models import resolve_device
+    """Embed every response that has no vector yet, EMBED_BATCH rows per store commit (with compute: ray, an even
+    share per actor in whole embedding batches, at most EMBED_BATCH)."""
+    from ampo.embedding import embed_round
+    from ampo.stages.compute import engine_pool, shard_size
 
-    embedder = SentenceTransformerEmbedder(ctx.cfg.embedding, device=resolve_device(ctx.cfg.runtime.device))
-    return embed_round(ctx.store, ctx.run, ctx.round, embedder, text=ctx.cfg.embedding.text)
+    cfg = ctx.cfg.embedding
+    if cfg.dim != ctx.store.dim:
+        raise ValueError(f"embedding.dim {cfg.dim} != the store's vector size {ctx.store.dim}")
+    if ctx.store.read_rows(ctx.run, ctx.round, ["id"], embedded=False).num_rows == 0:  # load no model for nothing
+        return embed_round(ctx.store, ctx.run, ctx.round, None, text=cfg.text)
+    with engine_pool(ctx.cfg.runtime, "embed", cfg, ctx.cfg.runtime.device) as pool:
+        return embed_round(ctx.store, ctx.run, ctx.round, None, text=cfg.text, map_shards=pool.map,
+                           chunk_rows=lambda rows: shard_size(rows, pool.size, EMBED_BATCH, multiple=cfg.batch_size),
+                           progress=lambda done, total: ctx.report("embed", done, total))  # fmt: skip
 
 
 def select(ctx: RoundContext) -> dict:

@@ -103,12 +103,19 @@ def _cached_outputs(ctx: RoundContext, policy: dict, prompts: list, stack) -> di
 
 def _policy_outputs(ctx: RoundContext, policy: dict, prompts: list, stack) -> dict:
     """One response per prompt from `policy`, its reward, length and per-instruction results."""
-    from ampo.generation import derive_seed, make_generator
+    from ampo.generation import derive_seed
     from ampo.rewards.verifiable import check_instructions
+    from ampo.stages.compute import engine_pool, shard_size, workers
 
     seeds = [derive_seed("eval", 0, p.prompt_id) for p in prompts]
-    with make_generator(policy["path"], _eval_generation(ctx), ctx.cfg.runtime) as generator:
-        samples = [pool[0] for pool in generator.generate([p.prompt for p in prompts], n=1, seeds=seeds)]
+    gen, runtime = _eval_generation(ctx), ctx.cfg.runtime
+    size = shard_size(len(prompts), workers(runtime), len(prompts), multiple=gen.batch_size)  # locally: one call, as before
+    starts = range(0, len(prompts), size)
+    shards = [([p.prompt for p in prompts[lo : lo + size]], seeds[lo : lo + size], 1) for lo in starts]
+    samples = [None] * len(prompts)
+    with engine_pool(runtime, "generate", policy["path"], gen, runtime) as pool:
+        for i, pools in pool.map(shards):
+            samples[starts[i] : starts[i] + len(pools)] = [pool_[0] for pool_ in pools]
     texts = [s.text for s in samples]
     scored = stack.score(prompts, texts)
     if scored.dropped.any():

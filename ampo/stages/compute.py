@@ -1,0 +1,228 @@
+"""Where a stage's engine work runs: in this process (runtime.compute: local) or sharded over a pool of Ray actors
+(runtime.compute: ray).
+
+    with engine_pool(cfg.runtime, "generate", model_path, cfg.generation, cfg.runtime) as pool:
+        for i, samples in pool.map(shards):  # (index into shards, result) as each shard finishes
+            store.upsert_candidates(rows_of(shards[i], samples))  # the stage stays the only writer
+
+An engine is one of ENGINES: a generator (vLLM or transformers), the reward stack, or the embedder, built from
+picklable settings. `local` builds it once in this process and runs the shards in order, exactly as the stages did
+before Ray existed. `ray` starts `runtime.ray_actors.actors` actors, each building the engine once, hands each actor
+the next shard as soon as it is free (at most IN_FLIGHT queued per actor), and yields results in the order they
+finish (`ray.wait`), so the stage writes a shard as soon as it is done: a crash keeps every finished shard and the
+stage's resume does only the rest. When a shard fails, no new shard starts, the shards already running are still
+yielded, and then the first error is raised.
+
+Results do not depend on the sharding: every prompt samples from its own seed, and the stages cut shards on the
+local path's batch boundaries (`shard_size`), so an engine sees the same batches either way. Ray is imported only
+when compute is ray; with `ray_address` empty a local Ray instance is started once per process (reused by later
+stages, shut down at exit), otherwise `ray.init(address=...)` joins the cluster. Actors are killed when the pool
+closes, so their GPU memory is free for the next stage (training runs on `accelerate launch`, not on Ray).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from ampo.config import EmbeddingConfig, GenerationConfig, RewardConfig, RuntimeConfig
+
+log = logging.getLogger(__name__)
+
+IN_FLIGHT = 2  # shards queued per actor: the next one is ready when an actor finishes (hides the driver's write)
+
+
+@contextlib.contextmanager
+def _generate_engine(model_path: str, cfg: GenerationConfig, runtime: RuntimeConfig):
+    """payload (prompts, seeds, n) -> samples[i][j], as `Generator.generate`."""
+    from ampo.generation import make_generator
+
+    with make_generator(model_path, cfg, runtime) as generator:
+        yield lambda payload: generator.generate(payload[0], n=payload[2], seeds=payload[1])
+
+
+@contextlib.contextmanager
+def _score_engine(cfg: RewardConfig, runtime: RuntimeConfig):
+    """payload (prompts, responses) -> ScoreResult."""
+    from ampo.rewards import RewardStack
+
+    stack = RewardStack(cfg, runtime)
+    yield lambda payload: stack.score(payload[0], payload[1])
+
+
+@contextlib.contextmanager
+def _embed_engine(cfg: EmbeddingConfig, device: str):
+    """payload texts -> (n, dim) float32; an error if the model's size is not embedding.dim (the store's)."""
+    from ampo.embedding import SentenceTransformerEmbedder
+    from ampo.models import resolve_device
+
+    embedder = SentenceTransformerEmbedder(cfg, device=resolve_device(device))
+    if embedder.dim != cfg.dim:
+        raise ValueError(f"embedding model {cfg.model!r} gives {embedder.dim}-d vectors but embedding.dim is {cfg.dim}"
+                         " (the store's vector size); set embedding.dim to match")  # fmt: skip
+    yield embedder.embed
+
+
+ENGINES: dict[str, Callable[..., contextlib.AbstractContextManager[Callable[[Any], Any]]]] = {
+    "generate": _generate_engine,
+    "score": _score_engine,
+    "embed": _embed_engine,
+}
+
+
+def workers(runtime: RuntimeConfig) -> int:
+    """How many engines a stage's shards are spread over: 1 locally, the Ray actors with compute: ray."""
+    return runtime.ray_actors.actors if runtime.compute == "ray" else 1
+
+
+def shard_size(items: int, workers: int, cap: int, multiple: int = 1) -> int:
+    """Items per shard: `cap` for one worker (the local path's unit); with more, an even split rounded up to a
+    multiple of `multiple` (the engine's batch size, so its batches are the local path's), at most `cap`."""
+    if workers <= 1 or items <= 0:
+        return cap
+    even = -(-items // workers)
+    return max(1, min(cap, -(-even // multiple) * multiple))
+
+
+class LazyShards(Sequence):
+    """`count` shards, shard i built by `build(i)` only when a pool takes it (one chunk's texts in memory at a time
+    locally, IN_FLIGHT per actor with Ray)."""
+
+    def __init__(self, count: int, build: Callable[[int], Any]):
+        self.count, self.build = count, build
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.count:
+            raise IndexError(i)
+        return self.build(i)
+
+
+class LocalPool:
+    """One engine in this process; shards run in order."""
+
+    size = 1
+
+    def __init__(self, engine: Callable[[Any], Any]):
+        self.engine = engine
+
+    def map(self, shards: Sequence[Any]) -> Iterator[tuple[int, Any]]:
+        for i, shard in enumerate(shards):
+            yield i, self.engine(shard)
+
+
+class EngineHost:
+    """The body of a Ray actor: builds ENGINES[kind](*args) once, then runs shards on it (the actor's process ends
+    with `ray.kill`, which frees the engine's memory)."""
+
+    def __init__(self, kind: str, args: tuple):
+        self._context = ENGINES[kind](*args)
+        self._engine = self._context.__enter__()
+
+    def run(self, payload: Any) -> Any:
+        return self._engine(payload)
+
+
+class RayPool:
+    """`actors` Ray actors, each holding one engine; `map` hands out shards and yields them as they finish."""
+
+    def __init__(self, kind: str, args: tuple, runtime: RuntimeConfig):
+        import ray
+
+        connect_ray(runtime)
+        spec = runtime.ray_actors
+        have = ray.cluster_resources()
+        for name, each in (("CPU", spec.num_cpus), ("GPU", spec.num_gpus)):
+            if spec.actors * each > have.get(name, 0):  # an autoscaler may add nodes; otherwise they wait forever
+                log.warning("ray: %d %s actors need %g %s, the cluster has %g now; they wait until it has them",
+                            spec.actors, kind, spec.actors * each, name, have.get(name, 0))  # fmt: skip
+        remote = ray.remote(EngineHost).options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus)
+        self.kind = kind
+        self.actors = [remote.remote(kind, args) for _ in range(spec.actors)]
+        self.size = len(self.actors)
+
+    def map(self, shards: Sequence[Any]) -> Iterator[tuple[int, Any]]:
+        import ray
+
+        todo = list(range(len(shards)))[::-1]  # popped from the end: shard 0 first
+        running: dict[Any, tuple[int, Any]] = {}  # object ref -> (shard index, actor)
+        error: BaseException | None = None
+
+        def submit(actor) -> None:
+            i = todo.pop()
+            running[actor.run.remote(shards[i])] = (i, actor)
+
+        for _ in range(IN_FLIGHT):
+            for actor in self.actors:
+                if todo:
+                    submit(actor)
+        while running:
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            i, actor = running.pop(ref)
+            try:
+                result = ray.get(ref)
+            except Exception as err:  # noqa: BLE001 - keep yielding what is running; raise the first error at the end
+                error = error or err
+                continue
+            if todo and error is None:
+                submit(actor)
+            yield i, result
+        if error is not None:
+            raise _unwrap(error, self.kind)
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
+
+
+def _unwrap(err: BaseException, kind: str) -> BaseException:
+    """The engine's own exception when Ray carries one (a RayTaskError subclasses it), named after the stage."""
+    import ray.exceptions
+
+    if isinstance(err, ray.exceptions.RayActorError):
+        return RuntimeError(f"a Ray actor of the {kind} engine died: {err}")
+    if isinstance(err, ray.exceptions.RayTaskError):
+        return err.as_instanceof_cause()
+    return err
+
+
+@contextlib.contextmanager
+def engine_pool(runtime: RuntimeConfig, kind: str, *args) -> Iterator[LocalPool | RayPool]:
+    """The pool of `kind` engines that `runtime.compute` asks for, closed (engines freed, actors killed) at exit."""
+    if kind not in ENGINES:
+        raise ValueError(f"unknown engine {kind!r}; choose from {sorted(ENGINES)}")
+    if runtime.compute == "local":
+        with ENGINES[kind](*args) as engine:
+            yield LocalPool(engine)
+        return
+    pool = RayPool(kind, args, runtime)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+def connect_ray(runtime: RuntimeConfig) -> None:
+    """Join the Ray cluster of `runtime.ray_address`, or start a local instance when it is empty; once per process."""
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("runtime.compute='ray' needs the ray package: pip install 'ampo[ray]' (requirements.lock "
+                          "pins it)") from None  # fmt: skip
+    if ray.is_initialized():
+        return
+    address = runtime.ray_address or None
+    log.info("ray: %s", f"joining {address}" if address else "starting a local instance")
+    try:
+        ray.init(address=address, include_dashboard=False if address is None else None, logging_level=logging.WARNING)
+    except Exception as err:  # ray raises a bare Exception when its node does not start in time
+        where = f"joining the Ray cluster at runtime.ray_address={address!r}" if address else "starting a local Ray"
+        raise RuntimeError(f"{where} failed: {err}. Start one by hand (`ray start --head`) and set "
+                           "runtime.ray_address, or use runtime.compute: local") from err  # fmt: skip
