@@ -154,31 +154,67 @@ def write_ifbench_subset(path: Path, n: int) -> Path:
     return path
 
 
-def share_round0(pool_cfg, arm_cfg, seed: int, arm: str) -> None:
-    """Round 0's generate/score/embed once per seed in the pool run, then copied into the arm's run."""
+def share_round0(pool_cfg, arm_cfg, seed: int, arm: str, pools_from: Path | None = None) -> None:
+    """Round 0's generate/score/embed once per seed in the pool run, then copied into the arm's run.
+    pools_from: another benchmark folder whose pool run of this seed is copied instead of generating one."""
+    from ampo.stages import run_stage
+    from ampo.stages.context import open_store
+
+    pool, run = pool_run_id(seed), run_id(arm, seed)
+    store = open_store(arm_cfg)
+    if pools_from is not None and not all(store.is_done(pool, 0, name) for name in SHARED_STAGES):
+        source_cfg = pool_cfg.model_copy(update={"store": pool_cfg.store.model_copy(
+            update={"uri": str(Path(pools_from) / "store")})})  # fmt: skip
+        source = open_store(source_cfg, must_exist=True)
+        if not all(source.is_done(pool, 0, name) for name in SHARED_STAGES):
+            raise ValueError(f"--pools {pools_from}: its run {pool!r} has not finished {list(SHARED_STAGES)}")
+        _copy_pool(source, pool, store, pool, pool_cfg, shared_from=f"{pools_from}:{pool}")
+    for name in SHARED_STAGES:
+        run_stage(name, pool_cfg, pool, 0)
+    if all(store.is_done(run, 0, name) for name in SHARED_STAGES):
+        return
+    _copy_pool(store, pool, store, run, arm_cfg, shared_from=pool)
+
+
+def _copy_pool(source, pool: str, store, run: str, cfg, shared_from: str) -> None:
+    """Round 0's rows of `pool` in `source`, rewritten as run `run`'s (ids, run, initial policy), into `store`;
+    its generate/score/embed stages recorded done with the pool's counts and `shared_from`."""
     import pyarrow as pa
 
     from ampo.schema import candidate_id
-    from ampo.stages import run_stage
-    from ampo.stages.context import initial_checkpoint_id, open_store, register_initial_policy
+    from ampo.stages.context import initial_checkpoint_id, register_initial_policy
 
-    pool, run = pool_run_id(seed), run_id(arm, seed)
-    for name in SHARED_STAGES:
-        run_stage(name, pool_cfg, pool, 0)
-    store = open_store(arm_cfg)
-    if all(store.is_done(run, 0, name) for name in SHARED_STAGES):
-        return
-    register_initial_policy(arm_cfg, run, store)
-    rows = store.read_rows(pool, 0)
+    register_initial_policy(cfg, run, store)
+    rows = source.read_rows(pool, 0)
     ids = [candidate_id(run, 0, p, s) for p, s in zip(rows["prompt_id"].to_pylist(), rows["sample"].to_pylist())]
     for name, column in (("id", ids), ("run", [run] * rows.num_rows),
                          ("policy", [initial_checkpoint_id(run)] * rows.num_rows)):  # fmt: skip
         rows = rows.set_column(rows.schema.get_field_index(name), name, pa.array(column, pa.string()))
     store.upsert_candidates(rows)  # idempotent: a re-run replaces the same ids
-    pool_status = store.stage_status(pool, 0)
+    pool_status = source.stage_status(pool, 0)
     for name in SHARED_STAGES:
         store.stage_started(run, 0, name)
-        store.stage_done(run, 0, name, {**(pool_status[name].get("counts") or {}), "shared_from": pool}, 0.0)
+        store.stage_done(run, 0, name, {**(pool_status[name].get("counts") or {}), "shared_from": shared_from}, 0.0)
+
+
+POOL_FREE_KEYS = ("train.", "loss", "selection.")  # overrides that change neither round 0's pools nor the base eval
+
+
+def check_pools_source(pools_from: Path, settings: dict) -> None:
+    """Refuse a --pools folder whose round-0 pools or base-model evaluation were made with other settings: only
+    training, loss and selection overrides may differ."""
+    path = Path(pools_from) / "results.json"
+    if not path.is_file():
+        raise ValueError(f"--pools {pools_from}: no results.json there (not a quality benchmark folder)")
+    theirs = json.loads(path.read_text()).get("settings") or {}
+
+    def relevant(s: dict) -> dict:
+        over = {k: v for k, v in (s.get("overrides") or {}).items() if not k.startswith(POOL_FREE_KEYS)}
+        return {**{k: s.get(k) for k in ("config", "ifbench", "heldout")}, "overrides": over}
+
+    if relevant(theirs) != relevant(settings):
+        raise ValueError(f"--pools {pools_from}: made with other generation/evaluation settings "
+                         f"({relevant(theirs)}, here {relevant(settings)}); only {list(POOL_FREE_KEYS)} may differ")
 
 
 def _base_cache(arm_cfg, run: str):
@@ -190,15 +226,17 @@ def _base_cache(arm_cfg, run: str):
     return eval_cache_path(ctx, ctx.initial)
 
 
-def run_cell(profile: Profile, out: Path, arm: str, seed: int, round_: int) -> dict:
+def run_cell(profile: Profile, out: Path, arm: str, seed: int, round_: int, pools_from: Path | None = None) -> dict:
     """All stages of (arm, seed, round); returns the cell's counts and per-prompt evaluation outputs."""
     from ampo.stages import STAGES, run_stage
     from ampo.stages.context import round_dir
 
     cfg, run = make_config(profile, out, seed, arm), run_id(arm, seed)
     if round_ == 0:
-        share_round0(make_config(profile, out, seed, None), cfg, seed, arm)
+        share_round0(make_config(profile, out, seed, None), cfg, seed, arm, pools_from)
         base_file, cache = out / "base-eval.json", _base_cache(cfg, run)
+        if pools_from is not None and not base_file.is_file() and (Path(pools_from) / "base-eval.json").is_file():
+            base_file.write_text((Path(pools_from) / "base-eval.json").read_text())  # same evaluation settings
         if base_file.is_file() and not cache.is_file():  # the base model's answers, computed by an earlier arm
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(base_file.read_text())
@@ -356,9 +394,11 @@ def plot(summary: dict, profile: Profile, path: Path) -> Path | None:
 
 
 def run(name: str, out: Path, extra: dict | None = None, *, log: Callable[[str], None] = print,
-        command: str = "", **changes) -> dict:
+        command: str = "", pools_from: Path | None = None, **changes) -> dict:
     """Run (or resume) every cell of the profile; write results.json, quality.md and quality.png under `out`.
-    extra: config overrides for every arm; changes: Profile fields to replace (arms, rounds, seeds, ...)."""
+    extra: config overrides for every arm; changes: Profile fields to replace (arms, rounds, seeds, ...);
+    pools_from: a benchmark folder made with the same generation and evaluation settings whose round-0 pools and
+    base-model evaluation are copied instead of computed again (training, loss and selection may differ)."""
     profile = PROFILES[name]
     unknown = sorted(set(changes) - set(Profile.__dataclass_fields__))
     if unknown:
@@ -375,6 +415,8 @@ def run(name: str, out: Path, extra: dict | None = None, *, log: Callable[[str],
     if results.setdefault("settings", settings) != settings:
         raise ValueError(f"{path} holds cells made with other settings ({results['settings']}, now {settings}); "
                          "resume with the same ones or choose another --out")
+    if pools_from is not None:
+        check_pools_source(pools_from, settings)
     for seed in range(profile.seeds):
         for r in range(profile.rounds):
             for arm in profile.arms:
@@ -382,7 +424,7 @@ def run(name: str, out: Path, extra: dict | None = None, *, log: Callable[[str],
                 if key in results["cells"]:
                     continue
                 log(f"cell {key} ...")
-                results["cells"][key] = cell = run_cell(profile, out, arm, seed, r)
+                results["cells"][key] = cell = run_cell(profile, out, arm, seed, r, pools_from)
                 if results.get("base") is None and (out / "base-eval.json").is_file():
                     results["base"] = _slim(json.loads((out / "base-eval.json").read_text()))
                 log(f"cell {key}: {cell['seconds']:.0f} s, {cell['groups']} groups, {cell['steps']} steps")
@@ -413,6 +455,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every arm, e.g. --set train.lr=2e-5")
     parser.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(ARMS)}")
+    parser.add_argument("--pools", type=Path, default=None, metavar="DIR",
+                        help="copy round 0's pools and the base model's evaluation from this benchmark folder "
+                             "(same generation and evaluation settings; training/loss/selection may differ)")
     for name in ("rounds", "seeds", "ifbench", "heldout"):
         parser.add_argument(f"--{name}", type=int, default=None, help=f"replace the profile's {name}")
     args = parser.parse_args(argv)
@@ -427,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
         extra[key] = yaml.safe_load(value)
     out = args.out or REPO / ".ampo" / "bench-quality" / args.profile
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    run(args.profile, out, extra, command=command, **changes)
+    run(args.profile, out, extra, command=command, pools_from=args.pools, **changes)
     print((out / "quality.md").read_text())
 
 
