@@ -234,14 +234,12 @@ def run_cell(profile: Profile, out: Path, arm: str, seed: int, round_: int, pool
     cfg, run = make_config(profile, out, seed, arm), run_id(arm, seed)
     if round_ == 0:
         share_round0(make_config(profile, out, seed, None), cfg, seed, arm, pools_from)
-        base_file, cache = out / "base-eval.json", _base_cache(cfg, run)
-        if pools_from is not None and not base_file.is_file() and (Path(pools_from) / "base-eval.json").is_file():
-            base_file.write_text((Path(pools_from) / "base-eval.json").read_text())  # same evaluation settings
-        if base_file.is_file() and not cache.is_file():  # the base model's answers, computed by an earlier arm
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(base_file.read_text())
     start = time.perf_counter()
-    records = {name: run_stage(name, cfg, run, round_) for name in STAGES}
+    records = {}
+    for name in STAGES:
+        if name == "evaluate" and round_ == 0:
+            _reuse_base_eval(cfg, out, run, pools_from)
+        records[name] = run_stage(name, cfg, run, round_)
     if round_ == 0 and not (out / "base-eval.json").is_file():
         (out / "base-eval.json").write_text(_base_cache(cfg, run).read_text())
     outputs = json.loads((round_dir(cfg, run, round_) / "eval-candidate.json").read_text())
@@ -252,6 +250,37 @@ def run_cell(profile: Profile, out: Path, arm: str, seed: int, round_: int, pool
             "groups": train.get("groups"), "steps": train.get("train/steps"),
             "skipped_no_spread": (records["select"].get("counts") or {}).get("skipped_no_spread"),
             "outputs": _slim(outputs)}  # fmt: skip
+
+
+BASE_WAIT_S = 1800  # how long a cell waits for the --pools folder's base evaluation in progress
+
+
+def _reuse_base_eval(cfg, out: Path, run: str, pools_from: Path | None, poll_s: float = 15.0) -> None:
+    """Before round 0's evaluate: the base model's answers from an earlier arm (`base-eval.json`) or from the
+    --pools folder (its base-eval.json, or the same cache file of the same run, written as soon as the base model
+    is evaluated there). While that folder's evaluate of this run is in progress, wait for it (up to BASE_WAIT_S)
+    rather than compute the same answers twice."""
+    from ampo.stages.context import _store
+
+    cache = _base_cache(cfg, run)
+    if cache.is_file():
+        return
+    found = [out / "base-eval.json"]
+    if pools_from is not None:
+        found += [Path(pools_from) / "base-eval.json", Path(pools_from) / "work" / "runs" / run / "eval-cache" / cache.name]
+    deadline = time.monotonic() + BASE_WAIT_S
+    while True:
+        source = next((f for f in found if f.is_file()), None)
+        if source is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(source.read_text())
+            return
+        if pools_from is None or time.monotonic() > deadline:
+            return
+        status = _store(str(Path(pools_from) / "store"), cfg.embedding.dim).stage_status(run, 0)
+        if (status.get("evaluate") or {}).get("status") != "running":
+            return
+        time.sleep(poll_s)
 
 
 def _slim(outputs: dict) -> dict:
@@ -417,6 +446,7 @@ def run(name: str, out: Path, extra: dict | None = None, *, log: Callable[[str],
                          "resume with the same ones or choose another --out")
     if pools_from is not None:
         check_pools_source(pools_from, settings)
+    _write_json(path, results)  # the settings, before any cell: a --pools user can check them meanwhile
     for seed in range(profile.seeds):
         for r in range(profile.rounds):
             for arm in profile.arms:
