@@ -77,12 +77,15 @@ PROFILES = {
                                "generation.batch_size": 8, "selection.k": 2, "eval.max_new_tokens": 8,
                                "train.grad_accum": 1}),
     # SmolLM2-135M-Instruct on 2 CPU cores, sized for about 90 minutes (see docs/quality.md)
+    # (arms ordered so that the best-vs-worst baseline is measured first; a pilot of the same settings usually
+    # holds ampo-coreset's first round already, see docs/quality.md)
     "cpu": Profile("infra/configs/demo.yaml", seeds=1, rounds=2, ifbench=48, heldout=48,
+                   arms=(DPO_ARM, "random-k", "ampo-optselect", "ampo-bottomk", "ampo-coreset"),
                    overrides={"prompts.per_round": 16, "generation.n": 8, "generation.max_new_tokens": 96,
-                              "selection.k": 3, "eval.max_new_tokens": 128, "train.lr": 1.0e-5,
-                              "train.grad_accum": 4},
-                   note="16 prompts/round, N=8, k=3, 96 new tokens (128 in evaluation), 2 rounds, 1 seed, "
-                        "48 IFBench + 48 held-out evaluation prompts"),
+                              "selection.k": 3, "eval.max_new_tokens": 128, "train.lr": 5.0e-5,
+                              "train.grad_accum": 2},
+                   note="16 prompts/round, N=8, k=3, 96 new tokens (128 in evaluation), lr 5e-5, 8 optimizer "
+                        "steps/round, 2 rounds, 1 seed, 48 IFBench + 48 held-out evaluation prompts"),
     # one GPU: 256 prompts per round, N=32, k=7, 3 rounds, 3 seeds, the whole IFBench test set
     "gpu": Profile("infra/configs/demo.yaml", seeds=3, rounds=3, ifbench=294, heldout=128,
                    overrides={"prompts.per_round": 256, "generation.n": 32, "generation.max_new_tokens": 512,
