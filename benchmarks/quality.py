@@ -367,7 +367,9 @@ def _ci(x: dict | None, signed: bool = False) -> str:
 
 def markdown(summary: dict, profile: Profile, name: str, command: str, meta: dict) -> str:
     lines = [f"# Quality benchmark, profile `{name}`", "", f"Command: `{command}`", "",
-             (f"Profile: {profile.note or name}; arms {', '.join(profile.arms)}; {meta.get('cells', 0)} cells "
+             (f"Profile `{name}` as run: {profile.rounds} round(s), {profile.seeds} seed(s), {profile.ifbench} IFBench + "
+              f"{profile.heldout} held-out evaluation prompts, overrides {profile.overrides}; arms "
+              f"{', '.join(profile.arms)}; {meta.get('cells', 0)} cells "
              f"finished; wall time {meta.get('seconds', 0):.0f} s (sum over cells); {meta.get('when', '')}."), "",
              (f"Each cell: value [{LEVEL:.0%} paired bootstrap interval over prompts]; rounds count training rounds "
              "(0 = the untrained base model)."), ""]  # fmt: skip
