@@ -77,12 +77,15 @@ PROFILES = {
                                "generation.batch_size": 8, "selection.k": 2, "eval.max_new_tokens": 8,
                                "train.grad_accum": 1}),
     # SmolLM2-135M-Instruct on 2 CPU cores, sized for about 90 minutes (see docs/quality.md)
+    # (arms ordered so that the best-vs-worst baseline is measured first; a pilot of the same settings usually
+    # holds ampo-coreset's first round already, see docs/quality.md)
     "cpu": Profile("infra/configs/demo.yaml", seeds=1, rounds=2, ifbench=48, heldout=48,
+                   arms=(DPO_ARM, "random-k", "ampo-optselect", "ampo-bottomk", "ampo-coreset"),
                    overrides={"prompts.per_round": 16, "generation.n": 8, "generation.max_new_tokens": 96,
-                              "selection.k": 3, "eval.max_new_tokens": 128, "train.lr": 1.0e-5,
-                              "train.grad_accum": 4},
-                   note="16 prompts/round, N=8, k=3, 96 new tokens (128 in evaluation), 2 rounds, 1 seed, "
-                        "48 IFBench + 48 held-out evaluation prompts"),
+                              "selection.k": 3, "eval.max_new_tokens": 128, "train.lr": 5.0e-5,
+                              "train.grad_accum": 2},
+                   note="16 prompts/round, N=8, k=3, 96 new tokens (128 in evaluation), lr 5e-5, 8 optimizer "
+                        "steps/round, 2 rounds, 1 seed, 48 IFBench + 48 held-out evaluation prompts"),
     # one GPU: 256 prompts per round, N=32, k=7, 3 rounds, 3 seeds, the whole IFBench test set
     "gpu": Profile("infra/configs/demo.yaml", seeds=3, rounds=3, ifbench=294, heldout=128,
                    overrides={"prompts.per_round": 256, "generation.n": 32, "generation.max_new_tokens": 512,
@@ -154,31 +157,67 @@ def write_ifbench_subset(path: Path, n: int) -> Path:
     return path
 
 
-def share_round0(pool_cfg, arm_cfg, seed: int, arm: str) -> None:
-    """Round 0's generate/score/embed once per seed in the pool run, then copied into the arm's run."""
+def share_round0(pool_cfg, arm_cfg, seed: int, arm: str, pools_from: Path | None = None) -> None:
+    """Round 0's generate/score/embed once per seed in the pool run, then copied into the arm's run.
+    pools_from: another benchmark folder whose pool run of this seed is copied instead of generating one."""
+    from ampo.stages import run_stage
+    from ampo.stages.context import open_store
+
+    pool, run = pool_run_id(seed), run_id(arm, seed)
+    store = open_store(arm_cfg)
+    if pools_from is not None and not all(store.is_done(pool, 0, name) for name in SHARED_STAGES):
+        source_cfg = pool_cfg.model_copy(update={"store": pool_cfg.store.model_copy(
+            update={"uri": str(Path(pools_from) / "store")})})  # fmt: skip
+        source = open_store(source_cfg, must_exist=True)
+        if not all(source.is_done(pool, 0, name) for name in SHARED_STAGES):
+            raise ValueError(f"--pools {pools_from}: its run {pool!r} has not finished {list(SHARED_STAGES)}")
+        _copy_pool(source, pool, store, pool, pool_cfg, shared_from=f"{pools_from}:{pool}")
+    for name in SHARED_STAGES:
+        run_stage(name, pool_cfg, pool, 0)
+    if all(store.is_done(run, 0, name) for name in SHARED_STAGES):
+        return
+    _copy_pool(store, pool, store, run, arm_cfg, shared_from=pool)
+
+
+def _copy_pool(source, pool: str, store, run: str, cfg, shared_from: str) -> None:
+    """Round 0's rows of `pool` in `source`, rewritten as run `run`'s (ids, run, initial policy), into `store`;
+    its generate/score/embed stages recorded done with the pool's counts and `shared_from`."""
     import pyarrow as pa
 
     from ampo.schema import candidate_id
-    from ampo.stages import run_stage
-    from ampo.stages.context import initial_checkpoint_id, open_store, register_initial_policy
+    from ampo.stages.context import initial_checkpoint_id, register_initial_policy
 
-    pool, run = pool_run_id(seed), run_id(arm, seed)
-    for name in SHARED_STAGES:
-        run_stage(name, pool_cfg, pool, 0)
-    store = open_store(arm_cfg)
-    if all(store.is_done(run, 0, name) for name in SHARED_STAGES):
-        return
-    register_initial_policy(arm_cfg, run, store)
-    rows = store.read_rows(pool, 0)
+    register_initial_policy(cfg, run, store)
+    rows = source.read_rows(pool, 0)
     ids = [candidate_id(run, 0, p, s) for p, s in zip(rows["prompt_id"].to_pylist(), rows["sample"].to_pylist())]
     for name, column in (("id", ids), ("run", [run] * rows.num_rows),
                          ("policy", [initial_checkpoint_id(run)] * rows.num_rows)):  # fmt: skip
         rows = rows.set_column(rows.schema.get_field_index(name), name, pa.array(column, pa.string()))
     store.upsert_candidates(rows)  # idempotent: a re-run replaces the same ids
-    pool_status = store.stage_status(pool, 0)
+    pool_status = source.stage_status(pool, 0)
     for name in SHARED_STAGES:
         store.stage_started(run, 0, name)
-        store.stage_done(run, 0, name, {**(pool_status[name].get("counts") or {}), "shared_from": pool}, 0.0)
+        store.stage_done(run, 0, name, {**(pool_status[name].get("counts") or {}), "shared_from": shared_from}, 0.0)
+
+
+POOL_FREE_KEYS = ("train.", "loss", "selection.")  # overrides that change neither round 0's pools nor the base eval
+
+
+def check_pools_source(pools_from: Path, settings: dict) -> None:
+    """Refuse a --pools folder whose round-0 pools or base-model evaluation were made with other settings: only
+    training, loss and selection overrides may differ."""
+    path = Path(pools_from) / "results.json"
+    if not path.is_file():
+        raise ValueError(f"--pools {pools_from}: no results.json there (not a quality benchmark folder)")
+    theirs = json.loads(path.read_text()).get("settings") or {}
+
+    def relevant(s: dict) -> dict:
+        over = {k: v for k, v in (s.get("overrides") or {}).items() if not k.startswith(POOL_FREE_KEYS)}
+        return {**{k: s.get(k) for k in ("config", "ifbench", "heldout")}, "overrides": over}
+
+    if relevant(theirs) != relevant(settings):
+        raise ValueError(f"--pools {pools_from}: made with other generation/evaluation settings "
+                         f"({relevant(theirs)}, here {relevant(settings)}); only {list(POOL_FREE_KEYS)} may differ")
 
 
 def _base_cache(arm_cfg, run: str):
@@ -190,20 +229,20 @@ def _base_cache(arm_cfg, run: str):
     return eval_cache_path(ctx, ctx.initial)
 
 
-def run_cell(profile: Profile, out: Path, arm: str, seed: int, round_: int) -> dict:
+def run_cell(profile: Profile, out: Path, arm: str, seed: int, round_: int, pools_from: Path | None = None) -> dict:
     """All stages of (arm, seed, round); returns the cell's counts and per-prompt evaluation outputs."""
     from ampo.stages import STAGES, run_stage
     from ampo.stages.context import round_dir
 
     cfg, run = make_config(profile, out, seed, arm), run_id(arm, seed)
     if round_ == 0:
-        share_round0(make_config(profile, out, seed, None), cfg, seed, arm)
-        base_file, cache = out / "base-eval.json", _base_cache(cfg, run)
-        if base_file.is_file() and not cache.is_file():  # the base model's answers, computed by an earlier arm
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(base_file.read_text())
+        share_round0(make_config(profile, out, seed, None), cfg, seed, arm, pools_from)
     start = time.perf_counter()
-    records = {name: run_stage(name, cfg, run, round_) for name in STAGES}
+    records = {}
+    for name in STAGES:
+        if name == "evaluate" and round_ == 0:
+            _reuse_base_eval(cfg, out, run, pools_from)
+        records[name] = run_stage(name, cfg, run, round_)
     if round_ == 0 and not (out / "base-eval.json").is_file():
         (out / "base-eval.json").write_text(_base_cache(cfg, run).read_text())
     outputs = json.loads((round_dir(cfg, run, round_) / "eval-candidate.json").read_text())
@@ -214,6 +253,37 @@ def run_cell(profile: Profile, out: Path, arm: str, seed: int, round_: int) -> d
             "groups": train.get("groups"), "steps": train.get("train/steps"),
             "skipped_no_spread": (records["select"].get("counts") or {}).get("skipped_no_spread"),
             "outputs": _slim(outputs)}  # fmt: skip
+
+
+BASE_WAIT_S = 1800  # how long a cell waits for the --pools folder's base evaluation in progress
+
+
+def _reuse_base_eval(cfg, out: Path, run: str, pools_from: Path | None, poll_s: float = 15.0) -> None:
+    """Before round 0's evaluate: the base model's answers from an earlier arm (`base-eval.json`) or from the
+    --pools folder (its base-eval.json, or the same cache file of the same run, written as soon as the base model
+    is evaluated there). While that folder's evaluate of this run is in progress, wait for it (up to BASE_WAIT_S)
+    rather than compute the same answers twice."""
+    from ampo.stages.context import _store
+
+    cache = _base_cache(cfg, run)
+    if cache.is_file():
+        return
+    found = [out / "base-eval.json"]
+    if pools_from is not None:
+        found += [Path(pools_from) / "base-eval.json", Path(pools_from) / "work" / "runs" / run / "eval-cache" / cache.name]
+    deadline = time.monotonic() + BASE_WAIT_S
+    while True:
+        source = next((f for f in found if f.is_file()), None)
+        if source is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(source.read_text())
+            return
+        if pools_from is None or time.monotonic() > deadline:
+            return
+        status = _store(str(Path(pools_from) / "store"), cfg.embedding.dim).stage_status(run, 0)
+        if (status.get("evaluate") or {}).get("status") != "running":
+            return
+        time.sleep(poll_s)
 
 
 def _slim(outputs: dict) -> dict:
@@ -297,7 +367,9 @@ def _ci(x: dict | None, signed: bool = False) -> str:
 
 def markdown(summary: dict, profile: Profile, name: str, command: str, meta: dict) -> str:
     lines = [f"# Quality benchmark, profile `{name}`", "", f"Command: `{command}`", "",
-             (f"Profile: {profile.note or name}; arms {', '.join(profile.arms)}; {meta.get('cells', 0)} cells "
+             (f"Profile `{name}` as run: {profile.rounds} round(s), {profile.seeds} seed(s), {profile.ifbench} IFBench + "
+              f"{profile.heldout} held-out evaluation prompts, overrides {profile.overrides}; arms "
+              f"{', '.join(profile.arms)}; {meta.get('cells', 0)} cells "
              f"finished; wall time {meta.get('seconds', 0):.0f} s (sum over cells); {meta.get('when', '')}."), "",
              (f"Each cell: value [{LEVEL:.0%} paired bootstrap interval over prompts]; rounds count training rounds "
              "(0 = the untrained base model)."), ""]  # fmt: skip
@@ -356,9 +428,11 @@ def plot(summary: dict, profile: Profile, path: Path) -> Path | None:
 
 
 def run(name: str, out: Path, extra: dict | None = None, *, log: Callable[[str], None] = print,
-        command: str = "", **changes) -> dict:
+        command: str = "", pools_from: Path | None = None, **changes) -> dict:
     """Run (or resume) every cell of the profile; write results.json, quality.md and quality.png under `out`.
-    extra: config overrides for every arm; changes: Profile fields to replace (arms, rounds, seeds, ...)."""
+    extra: config overrides for every arm; changes: Profile fields to replace (arms, rounds, seeds, ...);
+    pools_from: a benchmark folder made with the same generation and evaluation settings whose round-0 pools and
+    base-model evaluation are copied instead of computed again (training, loss and selection may differ)."""
     profile = PROFILES[name]
     unknown = sorted(set(changes) - set(Profile.__dataclass_fields__))
     if unknown:
@@ -375,6 +449,9 @@ def run(name: str, out: Path, extra: dict | None = None, *, log: Callable[[str],
     if results.setdefault("settings", settings) != settings:
         raise ValueError(f"{path} holds cells made with other settings ({results['settings']}, now {settings}); "
                          "resume with the same ones or choose another --out")
+    if pools_from is not None:
+        check_pools_source(pools_from, settings)
+    _write_json(path, results)  # the settings, before any cell: a --pools user can check them meanwhile
     for seed in range(profile.seeds):
         for r in range(profile.rounds):
             for arm in profile.arms:
@@ -382,7 +459,7 @@ def run(name: str, out: Path, extra: dict | None = None, *, log: Callable[[str],
                 if key in results["cells"]:
                     continue
                 log(f"cell {key} ...")
-                results["cells"][key] = cell = run_cell(profile, out, arm, seed, r)
+                results["cells"][key] = cell = run_cell(profile, out, arm, seed, r, pools_from)
                 if results.get("base") is None and (out / "base-eval.json").is_file():
                     results["base"] = _slim(json.loads((out / "base-eval.json").read_text()))
                 log(f"cell {key}: {cell['seconds']:.0f} s, {cell['groups']} groups, {cell['steps']} steps")
@@ -413,6 +490,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every arm, e.g. --set train.lr=2e-5")
     parser.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(ARMS)}")
+    parser.add_argument("--pools", type=Path, default=None, metavar="DIR",
+                        help="copy round 0's pools and the base model's evaluation from this benchmark folder "
+                             "(same generation and evaluation settings; training/loss/selection may differ)")
     for name in ("rounds", "seeds", "ifbench", "heldout"):
         parser.add_argument(f"--{name}", type=int, default=None, help=f"replace the profile's {name}")
     args = parser.parse_args(argv)
@@ -427,7 +507,7 @@ def main(argv: list[str] | None = None) -> None:
         extra[key] = yaml.safe_load(value)
     out = args.out or REPO / ".ampo" / "bench-quality" / args.profile
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    run(args.profile, out, extra, command=command, **changes)
+    run(args.profile, out, extra, command=command, pools_from=args.pools, **changes)
     print((out / "quality.md").read_text())
 
 

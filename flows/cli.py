@@ -21,8 +21,10 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="ampo: iterative self-play preference optimization (AMPO selection, group losses, gates).")
 audit_app = typer.Typer(no_args_is_help=True, help="Query the store: pools, selected groups, neighbours, export.")
 models_app = typer.Typer(no_args_is_help=True, help="Prepare the built-in policies (offline, cached).")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks run from this checkout (benchmarks/*.py).")
 app.add_typer(audit_app, name="audit")
 app.add_typer(models_app, name="models")
+app.add_typer(bench_app, name="bench")
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="run config YAML (see infra/configs/)")]
 RunOpt = Annotated[str, typer.Option("--run", "-r", help="run id: letters, digits, '_', '.', '-'")]
@@ -287,6 +289,49 @@ def models_prepare(name: Annotated[str, typer.Argument(help="smollm2-135m-instru
     if name not in ("smollm2-135m-instruct", "tiny-llama"):
         raise ValueError(f"unknown built-in model {name!r}; choose from ['smollm2-135m-instruct', 'tiny-llama']")
     typer.echo(resolve_policy(name))
+
+
+QUALITY_BENCH = REPO / "benchmarks" / "quality.py"
+
+
+def quality_bench_module():
+    """benchmarks/quality.py of this checkout, loaded once (the benchmarks are scripts, not an installed package)."""
+    import importlib.util
+
+    name = "ampo_benchmarks_quality"
+    if name not in sys.modules:
+        if not QUALITY_BENCH.is_file():
+            raise FileNotFoundError(f"{QUALITY_BENCH} not found: `ampo bench quality` runs from a checkout of the repo")
+        spec = importlib.util.spec_from_file_location(name, QUALITY_BENCH)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@bench_app.command("quality")
+def bench_quality(
+    profile: Annotated[str, typer.Option(help="tiny (bookkeeping, seconds), cpu (~90 min, 2 cores) or gpu")] = "cpu",
+    out: Annotated[Path | None, typer.Option(help="results folder; default .ampo/bench-quality/<profile>")] = None,
+    overrides: SetOpt = None,
+    arms: Annotated[str | None, typer.Option(help="comma-separated arms (default: the profile's)")] = None,
+    rounds: Annotated[int | None, typer.Option(help="replace the profile's rounds")] = None,
+    seeds: Annotated[int | None, typer.Option(help="replace the profile's seeds")] = None,
+    ifbench: Annotated[int | None, typer.Option(help="replace the profile's IFBench subset size")] = None,
+    heldout: Annotated[int | None, typer.Option(help="replace the profile's held-out prompts")] = None,
+    pools: Annotated[Path | None, typer.Option(help="copy round 0's pools and the base evaluation from this folder")] = None,
+) -> None:
+    """The quality benchmark (benchmarks/quality.py, same options): arms x seeds x rounds at equal compute, held-out
+    accuracy and reward with paired bootstrap intervals vs the base model and vs best-vs-worst DPO. Resumes."""
+    _offline_env()
+    argv = ["--profile", profile]
+    for flag, value in (("--out", out), ("--arms", arms), ("--rounds", rounds), ("--seeds", seeds),
+                        ("--ifbench", ifbench), ("--heldout", heldout), ("--pools", pools)):  # fmt: skip
+        if value is not None:
+            argv += [flag, str(value)]
+    for item in overrides or []:
+        argv += ["--set", item]
+    quality_bench_module().main(argv)
 
 
 @app.command()

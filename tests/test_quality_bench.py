@@ -111,3 +111,62 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
         q.run("tiny", tmp_path, log=lambda _: None)
     with pytest.raises(ValueError, match=r"unknown arm\(s\) \['nope'\]"):
         q.run("tiny", tmp_path / "x", arms=("nope",))
+
+
+def test_pools_from_another_folder_are_copied_not_generated_again(tiny, tmp_path):
+    from ampo.stages.context import open_store
+
+    source, results = tiny
+    out = tmp_path / "pilot"
+    again = q.run("tiny", out, {"train.lr": 3e-5}, log=lambda _: None, pools_from=source, arms=("ampo-coreset",))
+    store = open_store(q.make_config(q.PROFILES["tiny"], out, 0, None))
+    pool = q.pool_run_id(0)
+    same = ["prompt_id", "sample", "prompt", "response", "reward", "vector"]
+    src = open_store(q.make_config(q.PROFILES["tiny"], source, 0, None)).read_rows(pool, 0)
+    assert store.read_rows(pool, 0).select(same).to_pylist() == src.select(same).to_pylist()
+    status = store.stage_status(pool, 0)
+    assert all(status[s]["counts"]["shared_from"] == f"{source}:{pool}" for s in q.SHARED_STAGES)  # not generated
+    arm = store.stage_status(q.run_id("ampo-coreset", 0), 0)
+    assert arm["evaluate"]["counts"]["champion_cached"] == 1  # the base model's answers came from the source
+    assert again["base"] == results["base"]
+    assert again["settings"]["overrides"]["train.lr"] == 3e-5
+
+
+def test_pools_from_a_folder_with_other_generation_settings_are_refused(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    settings = {"profile": "tiny", "config": "infra/configs/smoke.yaml", "ifbench": 0, "heldout": 2,
+                "overrides": {**q.PROFILES["tiny"].overrides, "generation.n": 6}}
+    (src / "results.json").write_text(json.dumps({"cells": {}, "settings": settings}))
+    with pytest.raises(ValueError, match="other generation/evaluation settings"):
+        q.run("tiny", tmp_path / "out", log=lambda _: None, pools_from=src)
+    with pytest.raises(ValueError, match="no results.json"):
+        q.run("tiny", tmp_path / "out2", log=lambda _: None, pools_from=tmp_path / "nothing")
+
+
+def test_ampo_bench_quality_passes_its_options_to_the_benchmark(tmp_path, monkeypatch, capsys):
+    from cli_runner import cli
+
+    import flows.cli
+
+    module = flows.cli.quality_bench_module()
+    seen = {}
+
+    def fake_run(name, out, extra=None, **kwargs):
+        seen.update(name=name, out=out, extra=extra, **kwargs)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "quality.md").write_text("# table\n")
+
+    monkeypatch.setattr(module, "run", fake_run)
+    status, stdout, _ = cli(monkeypatch, capsys, "bench", "quality", "--profile", "tiny", "--out", tmp_path / "o",
+                            "--set", "train.lr=2.0e-5", "--set", "loss.beta=5", "--arms", "ampo-coreset,random-k",
+                            "--rounds", "2", "--seeds", "3", "--ifbench", "4", "--heldout", "5",
+                            "--pools", tmp_path / "p")  # fmt: skip
+    assert status == 0 and "# table" in stdout
+    assert seen["name"] == "tiny" and seen["out"] == tmp_path / "o" and seen["pools_from"] == tmp_path / "p"
+    assert seen["extra"] == {"train.lr": 2e-5, "loss.beta": 5}
+    assert (seen["arms"], seen["rounds"], seen["seeds"], seen["ifbench"], seen["heldout"]) == (
+        ("ampo-coreset", "random-k"), 2, 3, 4, 5)
+    assert seen["command"].startswith("python benchmarks/quality.py --profile tiny")
+    status, stdout, _ = cli(monkeypatch, capsys, "bench", "quality", "--help")
+    assert status == 0 and "--pools" in stdout and "--ifbench" in stdout
