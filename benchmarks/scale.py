@@ -145,18 +145,6 @@ def print_store(result: dict) -> None:
           f"{ck['download']:.2f} s ({mb / ck['download']:.0f} MB/s) | {ck['download'] / ck['local_copy']:.1f}x |")
 
 
-GENERATION_PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about autumn leaves.",
-    "Explain photosynthesis to a ten-year-old.",
-    "List three uses of a paperclip.",
-    "Give me a short recipe for pancakes.",
-    "Why is the sky blue? Answer in two sentences.",
-    "Write a limerick about a cat who codes.",
-    "Describe a sunset without using the word 'sun'.",
-]
-
-
 def _generation_arm(runtime, model: str, cfg, shards: list) -> dict:
     """Open a generate pool, warm every engine on one shard each, then time one pass over `shards`."""
     from ampo.stages.compute import engine_pool
@@ -190,7 +178,10 @@ def bench_generation(*, model: str = "tiny-llama", backend: str = "transformers"
 
     path = resolve_policy(model)
     cfg = GenerationConfig(backend=backend, n=n, max_new_tokens=max_new_tokens, batch_size=8)
-    texts = [GENERATION_PROMPTS[i % len(GENERATION_PROMPTS)] for i in range(prompts)]
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from generation import PROMPTS  # benchmarks/generation.py's prompts
+
+    texts = [PROMPTS[i % len(PROMPTS)] for i in range(prompts)]
     seeds = [derive_seed("bench", 0, f"p{i}") for i in range(prompts)]
     shards = [(texts[lo : lo + GENERATE_BATCH], seeds[lo : lo + GENERATE_BATCH], n)
               for lo in range(0, prompts, GENERATE_BATCH)]  # fmt: skip
