@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 os.environ.setdefault("LANCE_LOG", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -100,30 +101,25 @@ def bench_store(prompts: int = 500, n: int = 32, dim: int = 384, batch_prompts: 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench")  # moto accepts any
+    credentials = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}  # moto accepts any
     try:
-        host, port = server.get_host_and_port()
-        options = {"endpoint": f"http://{host}:{port}", "region": "us-east-1", "allow_http": "true"}
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            places = CheckpointPlaces("s3://ampo-bench/ckpt", options, tmp / "publisher-cache")
-            places.client().create_bucket(Bucket="ampo-bench")
-            local = _store_ops(Store(str(tmp / "store"), dim=dim), rows, batch_prompts * n)
-            s3 = _store_ops(Store("s3://ampo-bench/store", dim=dim, storage_options=options), rows, batch_prompts * n)
-            assert local["count"] == s3["count"] == rows.num_rows
-            folder = _checkpoint_folder(tmp, checkpoint_mb)
-            t_copy, _ = _timed(shutil.copytree, folder, tmp / "copy" / "bench-r0")
-            t_up, uri = _timed(places.publish, folder, "bench", "bench-r0")
-            reader = CheckpointPlaces(places.uri, options, tmp / "cache")  # an empty cache: another machine
-            t_down, _ = _timed(reader.local_copy, "bench-r0", uri)
+        with mock.patch.dict(os.environ, credentials):
+            host, port = server.get_host_and_port()
+            options = {"endpoint": f"http://{host}:{port}", "region": "us-east-1", "allow_http": "true"}
+            with tempfile.TemporaryDirectory() as tmp:
+                tmp = Path(tmp)
+                places = CheckpointPlaces("s3://ampo-bench/ckpt", options, tmp / "publisher-cache")
+                places.client().create_bucket(Bucket="ampo-bench")
+                local = _store_ops(Store(str(tmp / "store"), dim=dim), rows, batch_prompts * n)
+                s3 = _store_ops(Store("s3://ampo-bench/store", dim=dim, storage_options=options), rows, batch_prompts * n)
+                assert local["count"] == s3["count"] == rows.num_rows
+                folder = _checkpoint_folder(tmp, checkpoint_mb)
+                t_copy, _ = _timed(shutil.copytree, folder, tmp / "copy" / "bench-r0")
+                t_up, uri = _timed(places.publish, folder, "bench", "bench-r0")
+                reader = CheckpointPlaces(places.uri, options, tmp / "cache")  # an empty cache: another machine
+                t_down, _ = _timed(reader.local_copy, "bench-r0", uri)
     finally:
         server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     return {"rows": rows.num_rows, "local": local, "s3": s3,
             "checkpoint": {"local_copy": t_copy, "upload": t_up, "download": t_down, "megabytes": checkpoint_mb}}
 

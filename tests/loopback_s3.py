@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from unittest import mock
 
 REGION = "us-east-1"
 TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
@@ -39,19 +40,12 @@ def loopback_s3(bucket: str = "ampo-test") -> Iterator[LoopbackS3]:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
-    env = {**TEST_CREDENTIALS, "AWS_REGION": REGION}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        s3 = LoopbackS3(endpoint, bucket, {"endpoint": endpoint, "region": REGION, "allow_http": "true"})
-        s3.client().create_bucket(Bucket=bucket)
-        yield s3
+        with mock.patch.dict(os.environ, {**TEST_CREDENTIALS, "AWS_REGION": REGION}):
+            host, port = server.get_host_and_port()
+            endpoint = f"http://{host}:{port}"
+            s3 = LoopbackS3(endpoint, bucket, {"endpoint": endpoint, "region": REGION, "allow_http": "true"})
+            s3.client().create_bucket(Bucket=bucket)
+            yield s3
     finally:
         server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value

@@ -51,8 +51,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
         store_uri = cfg.store.uri
         record = run_stage_command(args.name, cfg, args.run, args.round_)
-    except TransientExit:
-        raise
     except Exception as exc:  # noqa: BLE001 - one line on stderr; the stage's record in the store keeps the message
         if debug_enabled():
             import traceback
