@@ -239,6 +239,10 @@ class SelectionBase(_Frozen):
     # pools whose reward spread (max - min) is below this are skipped and counted; a spread equal to it is kept;
     # 0 keeps every pool. 1e-6: uniform pools (all rewards equal) go, any real difference stays
     min_reward_spread: float = Field(1e-6, ge=0.0, allow_inf_nan=False)
+    # negatives whose reward is not below the chosen set's lowest (ties with the best response) are dropped from
+    # the group and counted: the spec's candidate set C keeps them, which pushes down responses as good as the
+    # chosen one (docs/selection.md); false: the spec's groups exactly. A group left without negatives is skipped
+    drop_tied_negatives: bool = True
     potential: PotentialPrefilter | None = None  # None: no M_AP prefilter
 
     def options(self) -> dict:

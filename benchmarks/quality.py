@@ -6,8 +6,9 @@
 
 Each arm is a run config; every arm runs R rounds for each of S seeds through the real stages (`run_stage`) and
 the store. Equal compute: every arm of a seed trains on the same prompts in the same round, samples N responses
-per prompt, and trains on every pool (`selection.min_reward_spread: 0` unless --set says otherwise), so each arm
-takes the same number of optimizer steps; round 0's pools are generated, scored and embedded once per seed (run
+per prompt, and skips the same uniform pools of round 0 (the run config's selection rules: no reward spread, or every
+negative tied with the chosen reward), so each arm takes the same number of optimizer steps in round 0 (later
+rounds' pools differ per arm; each cell records its groups, skips and steps); round 0's pools are generated, scored and embedded once per seed (run
 `pool0-s{seed}`) and copied into every arm's run (its generate/score/embed stages are marked done with
 `shared_from`). The gates are off (every candidate is promoted), so an arm's quality after round r is that of its
 round-r candidate. The base model (round 0's champion, untrained) is evaluated once and its outputs are reused.
@@ -79,13 +80,13 @@ PROFILES = {
     # SmolLM2-135M-Instruct on 2 CPU cores, sized for about 90 minutes (see docs/quality.md)
     # (arms ordered so that the best-vs-worst baseline is measured first; a pilot of the same settings usually
     # holds ampo-coreset's first round already, see docs/quality.md)
-    "cpu": Profile("infra/configs/demo.yaml", seeds=1, rounds=2, ifbench=48, heldout=48,
+    "cpu": Profile("infra/configs/demo.yaml", seeds=1, rounds=1, ifbench=48, heldout=48,
                    arms=(DPO_ARM, "random-k", "ampo-optselect", "ampo-bottomk", "ampo-coreset"),
                    overrides={"prompts.per_round": 16, "generation.n": 8, "generation.max_new_tokens": 96,
                               "selection.k": 3, "eval.max_new_tokens": 128, "train.lr": 5.0e-5,
                               "train.grad_accum": 2},
-                   note="16 prompts/round, N=8, k=3, 96 new tokens (128 in evaluation), lr 5e-5, 8 optimizer "
-                        "steps/round, 2 rounds, 1 seed, 48 IFBench + 48 held-out evaluation prompts"),
+                   note="16 prompts/round, N=8, k=3, 96 new tokens (128 in evaluation), lr 5e-5, one optimizer "
+                        "step per 2 informative groups, 1 round, 1 seed, 48 IFBench + 48 held-out evaluation prompts"),
     # one GPU: 256 prompts per round, N=32, k=7, 3 rounds, 3 seeds, the whole IFBench test set
     "gpu": Profile("infra/configs/demo.yaml", seeds=3, rounds=3, ifbench=294, heldout=128,
                    overrides={"prompts.per_round": 256, "generation.n": 32, "generation.max_new_tokens": 512,
@@ -113,7 +114,7 @@ def make_config(profile: Profile, out: Path, seed: int, arm: str | None, extra: 
 
     overrides = {
         **profile.overrides, "store.uri": str(out / "store"), "runtime.workdir": str(out / "work"),
-        "selection.min_reward_spread": 0.0, "selection.seed": seed, "train.seed": seed,
+        "selection.seed": seed, "train.seed": seed,
         "prompts.heldout": profile.heldout,
         "eval.sources": (["jsonl"] if profile.ifbench else []) + ["heldout"],
         "eval.max_prompts": max(profile.ifbench, profile.heldout),

@@ -115,7 +115,7 @@ def roles_by_prompt(ctx) -> dict:
 
 
 def test_select_stage_skips_and_counts_pools_without_spread(tmp_path):
-    ctx = stage_context(tmp_path, min_reward_spread=0.25)
+    ctx = stage_context(tmp_path, min_reward_spread=0.25, drop_tied_negatives=False)
     counts = data.select(ctx)
     # a (spread 0) and d (0.125 < 0.25) are skipped; c (spread 0.25 = the threshold) is kept
     assert counts["skipped_no_spread"] == 2 and counts["groups"] == 2 and counts["selected"] == 6
@@ -123,13 +123,32 @@ def test_select_stage_skips_and_counts_pools_without_spread(tmp_path):
     assert roles_by_prompt(ctx) == {"b": {"chosen": [1], "rejected": [0, 3]},
                                     "c": {"chosen": [1], "rejected": [0, 2]}}  # fmt: skip
     # the default threshold (1e-6) skips only the uniform pool; 0 keeps every pool (the earlier picks are replaced)
-    assert data.select(stage_context(tmp_path))["skipped_no_spread"] == 1
+    assert data.select(stage_context(tmp_path, drop_tied_negatives=False))["skipped_no_spread"] == 1
     assert set(roles_by_prompt(ctx)) == {"b", "c", "d"}
-    assert data.select(stage_context(tmp_path, min_reward_spread=0))["skipped_no_spread"] == 0
+    assert data.select(stage_context(tmp_path, min_reward_spread=0, drop_tied_negatives=False))["skipped_no_spread"] == 0
     assert set(roles_by_prompt(ctx)) == {"a", "b", "c", "d"}
     # everything skipped: no group, nothing selected, no error here (train then says there is nothing to train)
     assert data.select(stage_context(tmp_path, min_reward_spread=2.0))["groups"] == 0
     assert roles_by_prompt(ctx) == {}
+
+
+def test_select_stage_drops_negatives_tied_with_the_chosen_reward(tmp_path):
+    # bottomk k=2 on the informative pools b, c, d (a is uniform, skipped):
+    # b [0, 1, .5, .25]: chosen 1 (r=1), negatives 0 (0) and 3 (.25): both below 1, kept
+    # c [.25, .5, .5, .5]: chosen 1 (first .5), negatives 0 (.25) and 2 (.5): 2 ties with .5, dropped
+    # d [.375, .5, .5, .5]: chosen 1, negatives 0 (.375) and 2 (.5): 2 dropped
+    ctx = stage_context(tmp_path)
+    counts = data.select(ctx)
+    assert (counts["dropped_tied_negatives"], counts["groups"], counts["selected"]) == (2, 3, 3 + 2 + 2)  # selected: b 1 + 2, c 1 + 1, d 1 + 1
+    assert roles_by_prompt(ctx) == {"b": {"chosen": [1], "rejected": [0, 3]}, "c": {"chosen": [1], "rejected": [0]},
+                                    "d": {"chosen": [1], "rejected": [0]}}  # fmt: skip
+    # k=3 on pool a kept (spread 0 allowed): chosen 0, negatives 1, 2, 3 all tie -> the group is skipped, counted
+    counts = data.select(stage_context(tmp_path, min_reward_spread=0, k=3))
+    assert counts["skipped_prompts"] == 1 and "a" not in roles_by_prompt(ctx)
+    assert counts["dropped_tied_negatives"] == 3 + 0 + 2 + 2  # a: 3; b: none; c: samples 2, 3; d: samples 2, 3
+    # off: the spec's groups exactly (ties stay)
+    counts = data.select(stage_context(tmp_path, drop_tied_negatives=False))
+    assert counts["dropped_tied_negatives"] == 0 and roles_by_prompt(ctx)["c"]["rejected"] == [0, 2]
 
 
 def test_skipped_pools_reach_the_report_and_the_audit(tmp_path):

@@ -232,6 +232,11 @@ def select(ctx: RoundContext) -> dict:
                                   **sel.options())  # fmt: skip
     except ValueError as err:  # the selector names the prompt id; add the run and round
         raise ValueError(f"run {ctx.run!r} round {ctx.round}: {err}") from err
+    tied = 0
+    if sel.drop_tied_negatives:
+        before = count_skipped(selections)
+        selections, tied = _drop_tied(selections, part(padded.rewards))
+        tied_groups = count_skipped(selections) - before
     ids, roles, clusters = [], [], []
     for i, s in zip(kept.tolist(), selections):
         for role, local in (("chosen", s.chosen), ("rejected", s.rejected)):
@@ -241,6 +246,9 @@ def select(ctx: RoundContext) -> dict:
     ctx.store.set_selection(ctx.run, ctx.round, ids, roles, selector=sel.method, clusters=clusters)
     tag = ctx.store.tag_round(ctx.run, ctx.round)  # the selected state, checkable out now; promote moves it last
     skipped = count_skipped(selections)
+    if tied:
+        log.info("%d negatives tied with their group's chosen reward were dropped (selection.drop_tied_negatives); "
+                 "%d groups were left without a negative", tied, tied_groups)
     if skipped:
         log.warning("%d of %d prompts yielded no preference group (%s)", skipped, len(selections),
                     next(s.skipped_reason for s in selections if s.skipped))
@@ -248,8 +256,29 @@ def select(ctx: RoundContext) -> dict:
         log.info("%d of %d pools have a reward spread below selection.min_reward_spread=%g: skipped", no_spread,
                  len(pools), sel.min_reward_spread)  # fmt: skip
     return {"prompts": len(pools), "groups": len(selections) - skipped, "skipped_prompts": skipped,
-            "skipped_no_spread": no_spread, "skipped_low_potential": low_potential, "selected": len(ids),
+            "skipped_no_spread": no_spread, "skipped_low_potential": low_potential, "dropped_tied_negatives": tied,
+            "selected": len(ids),
             "excluded_responses": pools.n_excluded, "tag": tag}  # fmt: skip
+
+
+def _drop_tied(selections: list, rewards: np.ndarray) -> tuple[list, int]:
+    """Each selection without its negatives whose reward is >= its lowest chosen reward, and how many were dropped
+    in all; a selection left without a negative is skipped. rewards: (P, Nmax) padded, one row per selection."""
+    from dataclasses import replace
+
+    from ampo.selection.pool import skipped_selection
+
+    out, dropped = [], 0
+    for s, row in zip(selections, rewards):
+        keep = [] if s.skipped else [j for j in s.rejected if row[j] < min(row[c] for c in s.chosen)]
+        dropped += len(s.rejected) - len(keep)
+        if s.skipped or len(keep) == len(s.rejected):
+            out.append(s)
+        elif keep:
+            out.append(replace(s, rejected=keep))
+        else:
+            out.append(skipped_selection(s.method, "every negative's reward ties with the chosen one's"))
+    return out, dropped
 
 
 def _sampling_logps(ctx: RoundContext, pools, padded, keep: np.ndarray) -> np.ndarray:
