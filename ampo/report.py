@@ -78,6 +78,7 @@ def markdown_summary(run: str, round_: int, stages: dict[str, dict], stats: dict
 SKIPPED_POOLS = {  # select-stage count -> its row in the Selection table
     "skipped_no_spread": "pools skipped: reward spread below selection.min_reward_spread",
     "skipped_low_potential": "pools skipped: below the alignment-potential cut (selection.potential)",
+    "dropped_tied_negatives": "negatives dropped: reward tied with the chosen one's (selection.drop_tied_negatives)",
 }
 
 

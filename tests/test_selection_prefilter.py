@@ -160,6 +160,8 @@ def test_skipped_pools_reach_the_report_and_the_audit(tmp_path):
     markdown = report.markdown_summary("r", 0, stages, {}, None)
     assert "| pools skipped: reward spread below selection.min_reward_spread | 2 |" in markdown
     assert "| pools skipped: below the alignment-potential cut (selection.potential) | 0 |" in markdown
+    # kept pools b and c (bottomk k=2): c [.25, .5, .5, .5] drops its second negative (.5 = the chosen reward)
+    assert "| negatives dropped: reward tied with the chosen one's (selection.drop_tied_negatives) | 1 |" in markdown
     (row,) = runs_overview(ctx.store)
     assert row["skipped_no_spread"] == 2
 
