@@ -166,6 +166,9 @@ class LossParams(BaseModel):
 
     name: str  # each loss narrows it to its own Literal: the union's discriminator and the LOSSES key
     eos_lambda: float = Field(0.0, ge=0.0)  # REFA EOS regulariser weight (eq. 7, spec 2.5), added by the trainer; 0 = off
+    # weight of the chosen responses' per-token negative log-likelihood added to the loss (RPO, Pang et al. 2024:
+    # iterative preference optimisation with an NLL term; TRL's rpo_alpha); 0 = off, the papers' losses exactly
+    nll_weight: float = Field(0.0, ge=0.0, allow_inf_nan=False)
 
     @property
     def spec(self) -> LossSpec:
@@ -173,8 +176,8 @@ class LossParams(BaseModel):
         return LOSSES[self.name]
 
     def loss_params(self) -> dict:
-        """The loss function's keyword hyperparameters: every field but `name` and `eos_lambda`."""
-        return self.model_dump(exclude={"name", "eos_lambda"})
+        """The loss function's keyword hyperparameters: every field but `name` and the added terms' weights."""
+        return self.model_dump(exclude={"name", "eos_lambda", "nll_weight"})
 
 
 # ----------------------------------------------------------------------------- pairwise losses
@@ -345,6 +348,17 @@ def _refa_infonca_from_batch(batch: GroupBatch, **params) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- REFA EOS regulariser
+
+
+def chosen_nll(batch: GroupBatch, *, weight: float) -> Tensor:
+    """weight * the mean over each group's valid chosen members of their per-token negative log-likelihood,
+    -policy_logps_mean (RPO's NLL term on the chosen response; averaged when a group has several). (B,); 0 for a
+    group without a valid chosen member."""
+    if weight < 0:
+        raise ValueError(f"weight={weight!r} must be >= 0")
+    chosen = batch.chosen_mask.bool() & _valid(batch.valid_mask, batch.policy_logps_mean)
+    nll = _clean(-batch.policy_logps_mean, chosen)  # (B, M), 0 off the chosen members
+    return weight * nll.sum(-1) / chosen.sum(-1).clamp(min=1)
 
 
 def eos_regularizer(eos_probs: Tensor, lengths: Tensor, valid_mask: Tensor | None = None, *, lam: float,

@@ -47,7 +47,7 @@ from ampo.checkpoints import (
 )
 from ampo.config import RuntimeConfig, TrainConfig
 from ampo.logps import ForwardMode, GroupLogps, ResponseSpan, group_logps
-from ampo.losses import AmpoConfig, GroupBatch, LossConfig, LossParams, LossSpec, eos_regularizer
+from ampo.losses import AmpoConfig, GroupBatch, LossConfig, LossParams, LossSpec, chosen_nll, eos_regularizer
 from ampo.threads import restore_torch_threads
 from ampo.training_data import (
     Batch,
@@ -100,6 +100,8 @@ class LossFn:
         loss = self.spec.from_batch(batch, **self.params)  # (B,)
         if self.needs_eos:
             loss = loss + eos_regularizer(eos_probs, lengths, batch.valid_mask, lam=self.config.eos_lambda)
+        if self.config.nll_weight > 0:
+            loss = loss + chosen_nll(batch, weight=self.config.nll_weight)
         return loss
 
     def trainable(self, batch: GroupBatch) -> Tensor:
@@ -107,7 +109,8 @@ class LossFn:
         return self.spec.trainable(batch)
 
     def describe(self) -> dict:
-        return {"name": self.name, **self.params, "eos_lambda": self.config.eos_lambda}
+        return {"name": self.name, **self.params, "eos_lambda": self.config.eos_lambda,
+                "nll_weight": self.config.nll_weight}
 
 
 def make_loss_fn(loss_cfg: LossParams) -> LossFn:

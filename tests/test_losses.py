@@ -20,6 +20,7 @@ from ampo.losses import (
     MpoConfig,
     ampo_loss,
     dpo_loss,
+    chosen_nll,
     eos_regularizer,
     group_is_trainable,
     group_loss,
@@ -112,6 +113,26 @@ def test_eos_regularizer_hand_values():
     valid = T([[True, True, True, False]])
     close(eos_regularizer(probs, lengths, valid, lam=0.5), [1.05])
     close(eos_regularizer(probs, lengths, valid, lam=0.5, target="none"), [0.3])
+
+
+def test_chosen_nll_hand_values_and_added_by_the_loss_fn():
+    # group 0: chosen members 0 (mean logp -1.5) and 2 (-0.5), member 3 chosen but invalid:
+    #   .2 * (1.5 + .5) / 2 = 0.2;  group 1: one chosen (-2.0): .2 * 2 = 0.4;  group 2: no chosen member: 0
+    b = GroupBatch(policy_logps_sum=torch.zeros(3, 4),
+                   policy_logps_mean=T([[-1.5, -3.0, -0.5, -9.0], [-2.0, -1.0, -1.0, -1.0], [-1.0, -1.0, -1.0, -1.0]]),
+                   rewards=torch.zeros(3, 4),
+                   chosen_mask=T([[True, False, True, True], [True, False, False, False], [False] * 4]),
+                   valid_mask=T([[True, True, True, False], [True] * 4, [True] * 4]))  # fmt: skip
+    close(chosen_nll(b, weight=0.2), [0.2, 0.4, 0.0])
+    # the configured loss adds it: AMPO with nll_weight .2 = AMPO alone + the values above
+    from ampo.trainer import make_loss_fn
+
+    pair = GroupBatch(policy_logps_sum=T([[-4.0, -6.0]]), policy_logps_mean=T([[-1.0, -1.5]]), rewards=T([[1.0, 0.0]]),
+                      chosen_mask=T([[True, False]]), valid_mask=T([[True, True]]))  # fmt: skip
+    plain, with_nll = make_loss_fn(AmpoConfig()), make_loss_fn(AmpoConfig(nll_weight=0.2))
+    close(with_nll(pair) - plain(pair), [0.2 * 1.0])
+    with pytest.raises(ValidationError, match="nll_weight"):
+        AmpoConfig(nll_weight=-1.0)
 
 
 # ----------------------------------------------------------------------------- partitions (chosen from the data)

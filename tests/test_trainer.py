@@ -90,7 +90,8 @@ def test_make_loss_fn_takes_each_loss_own_defaults():
     }
     assert make_loss_fn(loss_config("dpo", beta=0.5)).params == {"beta": 0.5}
     assert make_loss_fn(AmpoConfig()).describe() == {"name": "ampo", "beta": 10.0, "gamma": 3.0, "alpha": 0.0,
-                                                     "alpha_inside_beta": False, "eos_lambda": 0.0}
+                                                     "alpha_inside_beta": False, "eos_lambda": 0.0,
+                                                     "nll_weight": 0.0}
     simpo, mpo = make_loss_fn(loss_config("simpo")), make_loss_fn(loss_config("mpo"))
     assert (simpo.spec.logps, simpo.spec.needs_ref, simpo.spec.pairwise) == ("mean", False, True)
     assert (mpo.spec.logps, mpo.spec.needs_ref, mpo.spec.pairwise) == ("sum", True, False)
