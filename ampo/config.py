@@ -6,6 +6,8 @@ into an error instead of a silent no-op.
 
 from __future__ import annotations
 
+import copy
+
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -397,7 +399,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     for key, value in (overrides or {}).items():
-        _set_nested(data, key.split("."), value)
+        _set_nested(data, key.split("."), copy.deepcopy(value))  # a later dotted key must not edit the caller's dict
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:

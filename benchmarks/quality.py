@@ -112,8 +112,8 @@ def make_config(profile: Profile, out: Path, seed: int, arm: str | None, extra: 
     """The run config of `arm` (None: the shared round-0 pool run) for `seed`, everything under `out`."""
     from ampo.config import load_config
 
-    overrides = {
-        **profile.overrides, "store.uri": str(out / "store"), "runtime.workdir": str(out / "work"),
+    overrides = {  # the arm's first: a --set of the same section (loss.nll_weight) applies on top of it
+        **(ARMS[arm] if arm is not None else {}), **profile.overrides, "store.uri": str(out / "store"), "runtime.workdir": str(out / "work"),
         "selection.seed": seed, "train.seed": seed,
         "prompts.heldout": profile.heldout,
         "eval.sources": (["jsonl"] if profile.ifbench else []) + ["heldout"],
@@ -123,8 +123,6 @@ def make_config(profile: Profile, out: Path, seed: int, arm: str | None, extra: 
     }  # fmt: skip
     if profile.ifbench:
         overrides["eval.path"] = str(write_ifbench_subset(out / "ifbench-subset.jsonl", profile.ifbench))
-    if arm is not None:
-        overrides.update(ARMS[arm])
     return load_config(REPO / profile.config, overrides)
 
 

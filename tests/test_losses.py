@@ -389,6 +389,11 @@ def test_loss_config_round_trips_and_the_shipped_yaml_loads(tmp_path):
     assert load_config(tmp_path / "dpo.yaml", {"loss.eos_lambda": 0.1}).loss == DpoConfig(beta=0.2, eos_lambda=0.1)
     with pytest.raises((ValidationError, ValueError), match=r"loss\.dpo\.gamma"):
         load_config(tmp_path / "dpo.yaml", {"loss.gamma": 5})
+    # a section given whole, then one of its fields: both apply, and the caller's dict is left as it was
+    section = {"name": "dpo"}
+    assert load_config(tmp_path / "dpo.yaml", {"loss": section, "loss.nll_weight": 0.5}).loss == DpoConfig(
+        nll_weight=0.5)
+    assert section == {"name": "dpo"}
 
 
 def test_registry_errors_and_trainable_groups():

@@ -170,3 +170,13 @@ def test_ampo_bench_quality_passes_its_options_to_the_benchmark(tmp_path, monkey
     assert seen["command"].startswith("python benchmarks/quality.py --profile tiny")
     status, stdout, _ = cli(monkeypatch, capsys, "bench", "quality", "--help")
     assert status == 0 and "--pools" in stdout and "--ifbench" in stdout
+
+
+def test_set_options_apply_on_top_of_each_arm(tmp_path):
+    # each arm replaces the loss section ({"name": ...}); a --set of one of its fields must survive that
+    profile = q.PROFILES["tiny"]
+    profile = q.Profile(**{**profile.__dict__, "overrides": {**profile.overrides, "loss.nll_weight": 0.5}})
+    for arm, name in (("ampo-coreset", "ampo"), ("dpo-best-worst", "dpo")):
+        cfg = q.make_config(profile, tmp_path, 0, arm)
+        assert (cfg.loss.name, cfg.loss.nll_weight) == (name, 0.5)
+    assert q.make_config(q.PROFILES["tiny"], tmp_path, 0, "dpo-best-worst").loss.nll_weight == 0.0
