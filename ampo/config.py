@@ -326,6 +326,16 @@ class RayActors(_Frozen):
     # where each actor caches s3:// checkpoints on its own node; None: the driver's checkpoint cache, as an absolute
     # path (the same folder on the driver's machine, the same path on every other node)
     checkpoint_cache: str | None = None
+    # keep the actors' processes from one stage to the next in this driver and only swap their engine (saves a
+    # process start and its imports per actor and stage); CPU actors only: a GPU is freed only when the process ends
+    reuse: bool = False
+
+    @model_validator(mode="after")
+    def _reuse_on_cpu_only(self) -> RayActors:
+        if self.reuse and self.num_gpus > 0:
+            raise ValueError(f"runtime.ray_actors.reuse keeps actor processes between stages, which frees a GPU's "
+                             f"memory unreliably; with num_gpus={self.num_gpus:g} set reuse: false")  # fmt: skip
+        return self
 
 
 RAY_ADDRESS_FORMS = "'' (start a local Ray instance), 'auto' (join this node's cluster), 'ray://host:port' or 'host:port'"

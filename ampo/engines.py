@@ -8,6 +8,8 @@ imports its models when it is built), so that an actor's start does not pay for 
 from __future__ import annotations
 
 import contextlib
+import gc
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -56,12 +58,32 @@ ENGINES: dict[str, Callable[..., contextlib.AbstractContextManager[Callable[[Any
 
 
 class EngineHost:
-    """The body of a Ray actor: builds ENGINES[kind](*args) once, then runs shards on it (the actor's process ends
-    with `ray.kill`, which frees the engine's memory)."""
+    """The body of a Ray actor: holds one engine, ENGINES[kind](*args), built once and run on shard after shard.
 
-    def __init__(self, kind: str, args: tuple):
-        self._context = ENGINES[kind](*args)
-        self._engine = self._context.__enter__()
+    The actor's process ends with `ray.kill`, which frees everything (GPU memory included). With
+    runtime.ray_actors.reuse the process lives on instead: `unload` releases the engine at the end of a stage and
+    `load` builds the next stage's one, so a stage does not pay for a new process and its imports."""
+
+    def __init__(self, kind: str | None = None, args: tuple = ()):
+        self._context = self._engine = None
+        if kind is not None:
+            self.load(kind, args)
+
+    def load(self, kind: str, args: tuple) -> int:
+        """Build the engine ENGINES[kind](*args) in place of the current one; returns this process's id."""
+        self.unload()
+        context = ENGINES[kind](*args)
+        self._engine = context.__enter__()
+        self._context = context
+        return os.getpid()
+
+    def unload(self) -> None:
+        context, self._context, self._engine = self._context, None, None
+        if context is not None:
+            context.__exit__(None, None, None)
+        gc.collect()
 
     def run(self, payload: Any) -> Any:
+        if self._engine is None:
+            raise RuntimeError("this actor holds no engine (EngineHost.load was not called)")
         return self._engine(payload)

@@ -89,6 +89,8 @@ def test_ray_address_forms():
             RuntimeConfig(ray_address=bad)
     with pytest.raises(ValueError, match="ray_start_timeout_s"):
         RuntimeConfig(ray_start_timeout_s=0)
+    with pytest.raises(ValueError, match=r"ray_actors.reuse keeps actor processes .* with num_gpus=1 set reuse: false"):
+        RuntimeConfig(ray_actors={"reuse": True, "num_gpus": 1})
 
 
 def test_the_start_waits_past_rays_30_s_up_to_its_timeout_then_names_the_setting():
@@ -182,6 +184,36 @@ def test_a_failed_shard_keeps_the_finished_ones_and_the_rerun_does_the_rest(loca
     expected = [len(r["instruction_id_list"]) + 0.5 * sum(len(k) for k in json.loads(r["instruction_kwargs"]))
                 for r in rows]  # fmt: skip
     assert [r["reward"] for r in rows] == expected and len(set(expected)) > 1
+
+
+def test_kept_actors_serve_the_next_stage_with_its_engine_and_a_failure_ends_them(local_ray):
+    """runtime.ray_actors.reuse: the second pool gets the first one's actor processes, with the engine it asked
+    for (a reward that fails where the first one scored); a failed shard kills them instead of keeping them."""
+    from ampo.config import RewardConfig
+    from ampo.prompts.prompt import Prompt
+    from ampo.stages.compute import _KEPT, engine_pool, release_kept_actors
+
+    runtime = RuntimeConfig(compute="ray", ray_actors={"actors": 2, "num_cpus": 1, "reuse": True})
+    counts, fails = (RewardConfig(components=[{"kind": "python", "function": f"stage_rewards:{name}"}])
+                     for name in ("instruction_count", "fails_on_first_prompt"))  # fmt: skip
+    prompts = [Prompt("gen-0-0", "a", ["length:words"], [{"n": 3}]), Prompt("gen-0-1", "b")]
+    shards = [([prompts[0]], ["r"]), ([prompts[1]], ["r"])]
+    ids = lambda actors: [a._actor_id for a in actors]
+    try:
+        with engine_pool(runtime, "score", counts, runtime) as pool:
+            first = list(pool.actors)
+            got = {i: result.total.tolist() for i, result in pool.map(shards)}
+        assert got == {0: [1.5], 1: [0.0]}  # 1 instruction + 0.5 x 1 keyword argument; none
+        assert [ids(kept) for kept in _KEPT.values()] == [ids(first)]
+        with pytest.raises(RewardFunctionError, match="fails on the first prompt"), engine_pool(
+                runtime, "score", fails, runtime) as pool:  # fmt: skip
+            assert ids(pool.actors) == ids(first)  # the same processes, the new engine
+            list(pool.map(shards))
+        assert _KEPT == {}
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(first[0].run.remote(shards[1]), timeout=120)  # killed
+    finally:
+        release_kept_actors()
 
 
 @pytest.mark.slow
@@ -298,7 +330,7 @@ def wait_until(what: str, check, process, timeout_s: float) -> None:
 def test_smoke_round_on_ray_and_s3_killed_resumed_and_one_writer_across_machines(s3, local_ray, prefect_server,
                                                                                  tmp_path, monkeypatch):  # fmt: skip
     """The smoke round with runtime.compute: ray (2 actors of the module's Ray instance, which every machine's
-    process joins) and the store and the checkpoints on S3. Machine A's first attempt (every stage through
+    process joins; kept from stage to stage: ray_actors.reuse) and the store and the checkpoints on S3. Machine A's first attempt (every stage through
     run_stage, as the flow's tasks call it) is killed (SIGKILL) while it trains; A's second attempt, a flow run on
     the Prefect server with its credentials from a Secret block, resumes and holds the run in train. Machine B
     (another lock folder, so the file lock cannot see A) refuses at once with wait 0, and with a wait runs the rest
@@ -316,7 +348,8 @@ def test_smoke_round_on_ray_and_s3_killed_resumed_and_one_writer_across_machines
     cfg = load_config(smoke, {"store.uri": s3.uri("smoke/store"), "store.storage_options": s3.options,
                               "checkpoints.uri": s3.uri("smoke/checkpoints"), "runtime.workdir": str(tmp_path / "a"),
                               **sizes, **RAY_SETTINGS, "runtime.ray_address": local_ray,
-                              "runtime.ray_actors.checkpoint_cache": str(actor_cache)})  # fmt: skip
+                              "runtime.ray_actors.checkpoint_cache": str(actor_cache),
+                              "runtime.ray_actors.reuse": True})  # fmt: skip
     (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
     cfg_a = cfg.model_copy(update={"store": cfg.store.model_copy(update={"secret": "ampo-test-s3"})})
     (tmp_path / "cfg-a.json").write_text(cfg_a.model_dump_json())

@@ -18,7 +18,8 @@ local path's batch boundaries (`shard_size`), so an engine sees the same batches
 when compute is ray; with `ray_address` empty a local Ray instance is started once per process (reused by later
 stages, shut down at exit; its start may take `ray_start_timeout_s`), otherwise `ray.init(address=...)` joins the
 cluster. Actors are killed when the pool closes, so their GPU memory is free for the next stage (training runs on
-`accelerate launch`, not on Ray).
+`accelerate launch`, not on Ray); with `ray_actors.reuse` (CPU actors only) they only release their engine and
+serve the next stage of the same driver process, which then skips their start (a process, torch, the imports).
 
 A generate engine is handed its policy as a local path, or, for a checkpoint on object storage, as a
 `RemoteCheckpoint` (ampo.stages.context.engine_policy): each actor then downloads it into the checkpoint cache of
@@ -37,7 +38,7 @@ from ampo.config import RuntimeConfig
 from ampo.engines import ENGINES, EngineHost
 
 __all__ = ["ENGINES", "IN_FLIGHT", "EngineHost", "LazyShards", "LocalPool", "RayPool", "connect_ray", "engine_pool",
-           "shard_size", "start_local_ray", "workers"]  # fmt: skip
+           "release_kept_actors", "shard_size", "start_local_ray", "workers"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,21 @@ class RayPool:
                 log.warning("ray: %d %s actors need %g %s, the cluster has %g now; they wait until it has them",
                             spec.actors, kind, spec.actors * each, name, have.get(name, 0))  # fmt: skip
         remote = ray.remote(EngineHost).options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus)
-        self.kind = kind
-        self.actors = [remote.remote(kind, args) for _ in range(spec.actors)]
+        self.kind, self.failed = kind, False
+        self.kept_as = (ray.get_runtime_context().get_job_id(), spec.num_cpus, spec.num_gpus, spec.actors)
+        if not spec.reuse:
+            self.kept_as = None
+            self.actors = [remote.remote(kind, args) for _ in range(spec.actors)]
+        else:  # the actors the last stage of this driver left, else new ones; each loads this stage's engine
+            for key in [k for k in _KEPT if k[0] != self.kept_as[0]]:  # handles of an earlier Ray session
+                del _KEPT[key]
+            self.actors = _KEPT.pop(self.kept_as, None) or [remote.remote() for _ in range(spec.actors)]
+            try:
+                ray.get([actor.load.remote(kind, args) for actor in self.actors])
+            except Exception as err:  # noqa: BLE001 - the engine's own error, named after the stage
+                self.failed = True
+                self.close()
+                raise _unwrap(err, kind) from None
         self.size = len(self.actors)
 
     def map(self, shards: Sequence[Any]) -> Iterator[tuple[int, Any]]:
@@ -127,6 +141,7 @@ class RayPool:
                 result = ray.get(ref)
             except Exception as err:  # noqa: BLE001 - keep yielding what is running; raise the first error at the end
                 error = error or err
+                self.failed = True
                 continue
             if todo and error is None:
                 submit(actor)
@@ -135,11 +150,39 @@ class RayPool:
             raise _unwrap(error, self.kind)
 
     def close(self) -> None:
+        """Kill the actors; with ray_actors.reuse, unless a shard failed, release their engines and keep them for
+        the next stage of this driver instead."""
         import ray
 
-        for actor in self.actors:
-            with contextlib.suppress(Exception):
-                ray.kill(actor)
+        if self.kept_as is not None and not self.failed and self.kept_as not in _KEPT:
+            try:
+                ray.get([actor.unload.remote() for actor in self.actors])  # after the shards still queued
+            except Exception:  # noqa: BLE001 - an actor that cannot unload is not kept
+                log.warning("ray: the %s actors did not release their engines; killing them", self.kind)
+            else:
+                _KEPT[self.kept_as] = self.actors
+                return
+        _kill(self.actors)
+
+
+_KEPT: dict[tuple, list] = {}  # (Ray job, num_cpus, num_gpus, actors) -> actors kept between stages (reuse)
+
+
+def release_kept_actors() -> int:
+    """Kill the actors that runtime.ray_actors.reuse kept in this process; returns how many. (They also end with
+    the driver process.)"""
+    actors = [actor for kept in _KEPT.values() for actor in kept]
+    _KEPT.clear()
+    _kill(actors)
+    return len(actors)
+
+
+def _kill(actors: list) -> None:
+    import ray
+
+    for actor in actors:
+        with contextlib.suppress(Exception):
+            ray.kill(actor)
 
 
 def _unwrap(err: BaseException, kind: str) -> BaseException:
