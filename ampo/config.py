@@ -329,6 +329,19 @@ class RayActors(_Frozen):
     actors: int = Field(2, ge=1)  # engines per stage
     num_cpus: float = Field(1.0, ge=0.0)  # reserved per actor
     num_gpus: float = Field(0.0, ge=0.0)  # per actor; 1 per vLLM engine on a GPU cluster (tensor_parallel_size GPUs)
+    # where each actor caches s3:// checkpoints on its own node; None: the driver's checkpoint cache, as an absolute
+    # path (the same folder on the driver's machine, the same path on every other node)
+    checkpoint_cache: str | None = None
+    # keep the actors' processes from one stage to the next in this driver and only swap their engine (saves a
+    # process start and its imports per actor and stage); CPU actors only: a GPU is freed only when the process ends
+    reuse: bool = False
+
+    @model_validator(mode="after")
+    def _reuse_on_cpu_only(self) -> RayActors:
+        if self.reuse and self.num_gpus > 0:
+            raise ValueError(f"runtime.ray_actors.reuse keeps actor processes between stages, which frees a GPU's "
+                             f"memory unreliably; with num_gpus={self.num_gpus:g} set reuse: false")  # fmt: skip
+        return self
 
 
 RAY_ADDRESS_FORMS = "'' (start a local Ray instance), 'auto' (join this node's cluster), 'ray://host:port' or 'host:port'"
@@ -339,6 +352,8 @@ class RuntimeConfig(_Frozen):
     compute: Literal["local", "ray"] = "local"  # ray: generate, score, embed and evaluation sampling on Ray actors
     ray_address: str = ""  # with compute: ray; one of RAY_ADDRESS_FORMS
     ray_actors: RayActors = RayActors()
+    # with ray_address "": how long the local Ray node may take to come up (Ray's own wait is a fixed 30 s)
+    ray_start_timeout_s: float = Field(180.0, gt=0.0)
     stage_isolation: Literal["inprocess", "subprocess"] = "inprocess"  # subprocess frees GPU memory per stage
     launcher: Literal["python", "accelerate"] = "python"  # training: `accelerate launch` for multi-GPU
     accelerate_config: str | None = None  # e.g. infra/accelerate/fsdp.yaml

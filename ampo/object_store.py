@@ -3,6 +3,7 @@
     places = CheckpointPlaces("s3://bucket/ckpts", {"endpoint": "http://127.0.0.1:9000"}, Path(".ampo/checkpoint-cache"))
     uri = places.publish(Path(".ampo/checkpoints/run/run-r0"), "run", "run-r0")   # every file, manifest.json last
     folder = places.local_copy("run-r0", uri)     # cache/<id>-<weights fingerprint>/, downloaded once
+    RemoteCheckpoint("run-r0", uri, 0, places).local_copy()   # the same, checked; what a Ray actor is handed
 
 A checkpoint on object storage exists once its manifest.json does: `publish` uploads it after every other file, the
 stage registers the checkpoint (its `path` is the URI) only after `publish` returned, and `local_copy` refuses a
@@ -193,6 +194,23 @@ class CheckpointPlaces:
             except OSError:
                 shutil.copy2(source, dest)
         _move_in(tmp, folder)
+
+
+@dataclass(frozen=True)
+class RemoteCheckpoint:
+    """A registered checkpoint on object storage, handed to a Ray actor instead of the driver's local copy: the
+    actor reads it through `places.cache`, a folder on its own node (downloaded once per id and fingerprint)."""
+
+    id: str
+    uri: str  # s3://... as registered
+    round: int
+    places: CheckpointPlaces
+
+    def local_copy(self) -> str:
+        """The checked local folder (ampo.checkpoints.resolve_checkpoint: manifest present, its id this one's)."""
+        from ampo.checkpoints import resolve_checkpoint
+
+        return resolve_checkpoint({"id": self.id, "path": self.uri, "round": self.round}, self.places)
 
 
 def _move_in(tmp: Path, folder: Path) -> None:

@@ -170,6 +170,7 @@ def bench_generation(*, model: str = "tiny-llama", backend: str = "transformers"
     from ampo.config import GenerationConfig, RayActors, RuntimeConfig
     from ampo.generation import derive_seed
     from ampo.models import resolve_policy
+    from ampo.stages.compute import start_local_ray
     from ampo.stages.data import GENERATE_BATCH
 
     path = resolve_policy(model)
@@ -190,7 +191,7 @@ def bench_generation(*, model: str = "tiny-llama", backend: str = "transformers"
     finally:
         torch.set_num_threads(threads)
     start = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    start_local_ray(RuntimeConfig().ray_start_timeout_s, num_cpus=2, log_to_driver=False)  # waits past Ray's 30 s
     rows.append({"arm": "ray start", "engines": 0, "load_s": time.perf_counter() - start})
     try:
         for count in actors:

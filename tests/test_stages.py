@@ -287,7 +287,9 @@ def test_the_starting_policy_is_fixed_by_an_explicit_step(tmp_path):
         _ = ctx.initial
     assert store.list_checkpoints("s") == [] and not (ctx.dir / "start.json").exists()  # reads wrote nothing
     start = fix_start(ctx)
-    assert start["id"] == "s-init" and json.loads((ctx.dir / "start.json").read_text()) == start
+    assert start["id"] == "s-init" and json.loads((ctx.dir / "start.json").read_text()) == {
+        "id": "s-init", "path": start["path"]}  # fmt: skip
+    assert start["registered"] == start["path"] and start["round"] == -1  # the initial policy: a local folder
     assert store.champion("s")["id"] == "s-init" and ctx.initial == start
     store.upsert_checkpoint({"id": "s-other", "run": "s", "round": -1, "path": start["path"], "status": "candidate"})
     store.set_champion("s", "s-other")
@@ -312,7 +314,7 @@ def test_each_stage_checks_its_start_without_reading_a_registry_row_twice(tmp_pa
     real = type(store).get_checkpoint
     monkeypatch.setattr(type(store), "get_checkpoint", lambda self, i: reads.append(i) or real(self, i))
     first = fix_start(RoundContext(cfg, "c", 1, store))  # round 1 starts from c-r0: its row read once
-    assert first == {"id": "c-r0", "path": str(folder)} and reads == ["c-r0"]
+    assert first == {"id": "c-r0", "path": str(folder), "registered": str(folder), "round": 0} and reads == ["c-r0"]
     assert fix_start(RoundContext(cfg, "c", 1, store)) == first and reads == ["c-r0"]  # the next stage: no read
     (folder / "manifest.json").unlink()
     with pytest.raises(MissingManifestError):

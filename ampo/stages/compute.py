@@ -16,60 +16,33 @@ yielded, and then the first error is raised.
 Results do not depend on the sharding: every prompt samples from its own seed, and the stages cut shards on the
 local path's batch boundaries (`shard_size`), so an engine sees the same batches either way. Ray is imported only
 when compute is ray; with `ray_address` empty a local Ray instance is started once per process (reused by later
-stages, shut down at exit), otherwise `ray.init(address=...)` joins the cluster. Actors are killed when the pool
-closes, so their GPU memory is free for the next stage (training runs on `accelerate launch`, not on Ray).
+stages, shut down at exit; its start may take `ray_start_timeout_s`), otherwise `ray.init(address=...)` joins the
+cluster. Actors are killed when the pool closes, so their GPU memory is free for the next stage (training runs on
+`accelerate launch`, not on Ray); with `ray_actors.reuse` (CPU actors only) they only release their engine and
+serve the next stage of the same driver process, which then skips their start (a process, torch, the imports).
+
+A generate engine is handed its policy as a local path, or, for a checkpoint on object storage, as a
+`RemoteCheckpoint` (ampo.stages.context.engine_policy): each actor then downloads it into the checkpoint cache of
+its own node (`runtime.ray_actors.checkpoint_cache`), so the nodes of a cluster need no shared volume.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from ampo.config import EmbeddingConfig, GenerationConfig, RewardConfig, RuntimeConfig
+from ampo.config import RuntimeConfig
+from ampo.engines import ENGINES, EngineHost
+
+__all__ = ["ENGINES", "IN_FLIGHT", "EngineHost", "LazyShards", "LocalPool", "RayPool", "connect_ray", "engine_pool",
+           "release_kept_actors", "shard_size", "start_local_ray", "workers"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
 IN_FLIGHT = 2  # shards queued per actor: the next one is ready when an actor finishes (hides the driver's write)
-
-
-@contextlib.contextmanager
-def _generate_engine(model_path: str, cfg: GenerationConfig, runtime: RuntimeConfig):
-    """payload (prompts, seeds, n) -> samples[i][j], as `Generator.generate`."""
-    from ampo.generation import make_generator
-
-    with make_generator(model_path, cfg, runtime) as generator:
-        yield lambda payload: generator.generate(payload[0], n=payload[2], seeds=payload[1])
-
-
-@contextlib.contextmanager
-def _score_engine(cfg: RewardConfig, runtime: RuntimeConfig):
-    """payload (prompts, responses) -> ScoreResult."""
-    from ampo.rewards import RewardStack
-
-    stack = RewardStack(cfg, runtime)
-    yield lambda payload: stack.score(payload[0], payload[1])
-
-
-@contextlib.contextmanager
-def _embed_engine(cfg: EmbeddingConfig, device: str):
-    """payload texts -> (n, dim) float32; an error if the model's size is not embedding.dim (the store's)."""
-    from ampo.embedding import SentenceTransformerEmbedder
-    from ampo.models import resolve_device
-
-    embedder = SentenceTransformerEmbedder(cfg, device=resolve_device(device))
-    if embedder.dim != cfg.dim:
-        raise ValueError(f"embedding model {cfg.model!r} gives {embedder.dim}-d vectors but embedding.dim is {cfg.dim}"
-                         " (the store's vector size); set embedding.dim to match")  # fmt: skip
-    yield embedder.embed
-
-
-ENGINES: dict[str, Callable[..., contextlib.AbstractContextManager[Callable[[Any], Any]]]] = {
-    "generate": _generate_engine,
-    "score": _score_engine,
-    "embed": _embed_engine,
-}
 
 
 def workers(runtime: RuntimeConfig) -> int:
@@ -115,18 +88,6 @@ class LocalPool:
             yield i, self.engine(shard)
 
 
-class EngineHost:
-    """The body of a Ray actor: builds ENGINES[kind](*args) once, then runs shards on it (the actor's process ends
-    with `ray.kill`, which frees the engine's memory)."""
-
-    def __init__(self, kind: str, args: tuple):
-        self._context = ENGINES[kind](*args)
-        self._engine = self._context.__enter__()
-
-    def run(self, payload: Any) -> Any:
-        return self._engine(payload)
-
-
 class RayPool:
     """`actors` Ray actors, each holding one engine; `map` hands out shards and yields them as they finish."""
 
@@ -141,8 +102,21 @@ class RayPool:
                 log.warning("ray: %d %s actors need %g %s, the cluster has %g now; they wait until it has them",
                             spec.actors, kind, spec.actors * each, name, have.get(name, 0))  # fmt: skip
         remote = ray.remote(EngineHost).options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus)
-        self.kind = kind
-        self.actors = [remote.remote(kind, args) for _ in range(spec.actors)]
+        self.kind, self.failed = kind, False
+        self.kept_as = (ray.get_runtime_context().get_job_id(), spec.num_cpus, spec.num_gpus, spec.actors)
+        if not spec.reuse:
+            self.kept_as = None
+            self.actors = [remote.remote(kind, args) for _ in range(spec.actors)]
+        else:  # the actors the last stage of this driver left, else new ones; each loads this stage's engine
+            for key in [k for k in _KEPT if k[0] != self.kept_as[0]]:  # handles of an earlier Ray session
+                del _KEPT[key]
+            self.actors = _KEPT.pop(self.kept_as, None) or [remote.remote() for _ in range(spec.actors)]
+            try:
+                ray.get([actor.load.remote(kind, args) for actor in self.actors])
+            except Exception as err:  # noqa: BLE001 - the engine's own error, named after the stage
+                self.failed = True
+                self.close()
+                raise _unwrap(err, kind) from None
         self.size = len(self.actors)
 
     def map(self, shards: Sequence[Any]) -> Iterator[tuple[int, Any]]:
@@ -167,6 +141,7 @@ class RayPool:
                 result = ray.get(ref)
             except Exception as err:  # noqa: BLE001 - keep yielding what is running; raise the first error at the end
                 error = error or err
+                self.failed = True
                 continue
             if todo and error is None:
                 submit(actor)
@@ -175,11 +150,39 @@ class RayPool:
             raise _unwrap(error, self.kind)
 
     def close(self) -> None:
+        """Kill the actors; with ray_actors.reuse, unless a shard failed, release their engines and keep them for
+        the next stage of this driver instead."""
         import ray
 
-        for actor in self.actors:
-            with contextlib.suppress(Exception):
-                ray.kill(actor)
+        if self.kept_as is not None and not self.failed and self.kept_as not in _KEPT:
+            try:
+                ray.get([actor.unload.remote() for actor in self.actors])  # after the shards still queued
+            except Exception:  # noqa: BLE001 - an actor that cannot unload is not kept
+                log.warning("ray: the %s actors did not release their engines; killing them", self.kind)
+            else:
+                _KEPT[self.kept_as] = self.actors
+                return
+        _kill(self.actors)
+
+
+_KEPT: dict[tuple, list] = {}  # (Ray job, num_cpus, num_gpus, actors) -> actors kept between stages (reuse)
+
+
+def release_kept_actors() -> int:
+    """Kill the actors that runtime.ray_actors.reuse kept in this process; returns how many. (They also end with
+    the driver process.)"""
+    actors = [actor for kept in _KEPT.values() for actor in kept]
+    _KEPT.clear()
+    _kill(actors)
+    return len(actors)
+
+
+def _kill(actors: list) -> None:
+    import ray
+
+    for actor in actors:
+        with contextlib.suppress(Exception):
+            ray.kill(actor)
 
 
 def _unwrap(err: BaseException, kind: str) -> BaseException:
@@ -210,7 +213,8 @@ def engine_pool(runtime: RuntimeConfig, kind: str, *args) -> Iterator[LocalPool 
 
 
 def connect_ray(runtime: RuntimeConfig) -> None:
-    """Join the Ray cluster of `runtime.ray_address`, or start a local instance when it is empty; once per process."""
+    """Join the Ray cluster of `runtime.ray_address`, or start a local instance when it is empty (waiting up to
+    `runtime.ray_start_timeout_s` for it); once per process."""
     try:
         import ray
     except ImportError:
@@ -221,8 +225,57 @@ def connect_ray(runtime: RuntimeConfig) -> None:
     address = runtime.ray_address or None
     log.info("ray: %s", f"joining {address}" if address else "starting a local instance")
     try:
-        ray.init(address=address, include_dashboard=False if address is None else None, logging_level=logging.WARNING)
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            start_local_ray(runtime.ray_start_timeout_s)
+    except RayStartTimeout as err:
+        raise RuntimeError(f"starting a local Ray failed: {err}. Raise runtime.ray_start_timeout_s on a busy "
+                           "machine, start one by hand (`ray start --head`) and set runtime.ray_address, or use "
+                           "runtime.compute: local") from None  # fmt: skip
     except Exception as err:  # ray raises a bare Exception when its node does not start in time
         where = f"joining the Ray cluster at runtime.ray_address={address!r}" if address else "starting a local Ray"
         raise RuntimeError(f"{where} failed: {err}. Start one by hand (`ray start --head`) and set "
                            "runtime.ray_address, or use runtime.compute: local") from err  # fmt: skip
+
+
+class RayStartTimeout(TimeoutError):
+    """The local Ray node did not register within runtime.ray_start_timeout_s."""
+
+
+def start_local_ray(timeout_s: float, **init_kwargs) -> None:
+    """`ray.init()` of a local instance (no dashboard) that waits up to `timeout_s` for its node to come up.
+
+    Ray's local start polls the GCS for its new node (`ray._private.services.get_node`) for a fixed 30 s, which a
+    loaded machine exceeds (the raylet registers only after its Python agents started). During this call that
+    lookup is replaced by one that retries until `timeout_s` after the start, then raises RayStartTimeout (not a
+    RuntimeError, so Ray's own loop lets it through at once). A start that fails that way leaves Ray's processes to
+    its reaper, which ends them when this process exits."""
+    import ray
+    from ray._private import services
+
+    original = services.get_node
+    deadline = time.monotonic() + timeout_s
+
+    def get_node_patiently(gcs_address, node_id):
+        return await_node(lambda: original(gcs_address, node_id), deadline, timeout_s)
+
+    services.get_node = get_node_patiently
+    try:
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, **init_kwargs)
+    finally:
+        services.get_node = original
+
+
+def await_node(lookup: Callable[[], Any], deadline: float, timeout_s: float, *, clock=time.monotonic,
+               sleep=time.sleep, every_s: float = 0.5) -> Any:  # fmt: skip
+    """`lookup()` until it stops raising RuntimeError (Ray's "node not registered yet"); RayStartTimeout once
+    `clock()` passed `deadline`."""
+    while True:
+        try:
+            return lookup()
+        except RuntimeError as err:
+            if clock() >= deadline:
+                raise RayStartTimeout(f"its node did not come up within runtime.ray_start_timeout_s={timeout_s:g} "
+                                      f"s (last answer: {err})") from None  # fmt: skip
+        sleep(every_s)

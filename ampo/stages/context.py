@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
 from ampo.config import RunConfig, object_store_scheme, storage_option_strings
-from ampo.object_store import CheckpointPlaces
+from ampo.object_store import CheckpointPlaces, RemoteCheckpoint, is_remote
 from ampo.store import Store, store_exists
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
@@ -48,6 +48,20 @@ def checkpoint_places(cfg: RunConfig) -> CheckpointPlaces:
     cache = Path(ck.cache) if ck.cache else Path(cfg.runtime.workdir) / "checkpoint-cache"
     remote = ck.uri if ck.uri and object_store_scheme(ck.uri) else None
     return CheckpointPlaces(remote, storage_option_strings(options), cache)
+
+
+def engine_policy(cfg: RunConfig, policy: dict) -> str | RemoteCheckpoint:
+    """What a generate engine is handed for `policy` ({"id", "path"} and, when read from the registry,
+    "registered" and "round"): its local path; with runtime.compute: ray and a checkpoint registered on object
+    storage, a RemoteCheckpoint, which each Ray actor reads into the cache of its own node
+    (runtime.ray_actors.checkpoint_cache, default: this process's cache folder as an absolute path)."""
+    registered = str(policy.get("registered", ""))
+    if cfg.runtime.compute != "ray" or not is_remote(registered):
+        return policy["path"]
+    places = checkpoint_places(cfg)
+    cache = cfg.runtime.ray_actors.checkpoint_cache
+    places = replace(places, cache=(Path(cache) if cache else places.cache).absolute())
+    return RemoteCheckpoint(policy["id"], registered, int(policy["round"]), places)
 
 
 def checkpoint_dir(cfg: RunConfig, run: str, checkpoint_id: str) -> Path:
@@ -121,7 +135,8 @@ class RoundContext:
                 raise ValueError(f"run {self.run!r} round {self.round}: checkpoint {ref['id']!r} is not in the registry")
             registered[ref["id"]] = row
         row = registered[ref["id"]]
-        return {"id": ref["id"], "path": resolve_checkpoint({**row, "path": ref["path"]}, checkpoint_places(self.cfg))}
+        path = resolve_checkpoint({**row, "path": ref["path"]}, checkpoint_places(self.cfg))
+        return {"id": ref["id"], "path": path, "registered": str(ref["path"]), "round": row["round"]}
 
 
 # Store -> {checkpoint id: registry row} of rows already read in this process: every stage of a round checks its

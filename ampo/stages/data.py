@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from ampo.schema import candidate_id
-from ampo.stages.context import RoundContext
+from ampo.stages.context import RoundContext, engine_policy
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def _generate(ctx: RoundContext, todo: list, counts: dict) -> None:
     seeds = [[derive_seed(ctx.run, ctx.round, p.prompt_id) for p in batch] for batch in batches]
     shards = [([p.prompt for p in batch], batch_seeds, n) for batch, batch_seeds in zip(batches, seeds)]
     done = 0
-    with engine_pool(cfg.runtime, "generate", ctx.start["path"], cfg.generation, cfg.runtime) as pool:
+    with engine_pool(cfg.runtime, "generate", engine_policy(cfg, ctx.start), cfg.generation, cfg.runtime) as pool:
         for b, samples in pool.map(shards):
             rows = [_row(ctx, p, i, s, seed, versions) for p, seed, pool_ in zip(batches[b], seeds[b], samples)
                     for i, s in enumerate(pool_)]  # fmt: skip

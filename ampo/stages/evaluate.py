@@ -16,6 +16,7 @@ from ampo.stages.context import (
     StageResult,
     candidate_checkpoint_id,
     checkpoint_places,
+    engine_policy,
     write_json_atomic,
 )
 
@@ -48,7 +49,8 @@ def _candidate(ctx: RoundContext) -> dict:
         raise ValueError(f"run {ctx.run!r} round {ctx.round} has no candidate checkpoint; run the train stage first")
     from ampo.checkpoints import resolve_checkpoint
 
-    return {"id": record["id"], "path": resolve_checkpoint(record, checkpoint_places(ctx.cfg))}
+    return {"id": record["id"], "path": resolve_checkpoint(record, checkpoint_places(ctx.cfg)),
+            "registered": str(record["path"]), "round": record["round"]}
 
 
 def _eval_generation(ctx: RoundContext):
@@ -113,7 +115,7 @@ def _policy_outputs(ctx: RoundContext, policy: dict, prompts: list, stack) -> di
     starts = range(0, len(prompts), size)
     shards = [([p.prompt for p in prompts[lo : lo + size]], seeds[lo : lo + size], 1) for lo in starts]
     samples = [None] * len(prompts)
-    with engine_pool(runtime, "generate", policy["path"], gen, runtime) as pool:
+    with engine_pool(runtime, "generate", engine_policy(ctx.cfg, policy), gen, runtime) as pool:
         for i, pools in pool.map(shards):
             samples[starts[i] : starts[i] + len(pools)] = [pool_[0] for pool_ in pools]
     texts = [s.text for s in samples]
