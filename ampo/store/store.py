@@ -212,11 +212,15 @@ class Store:
         return self._stage_status.get((run, round))
 
     def _wrote(self, run: str, round: int, known: tuple[int, dict] | None, written: dict, *, whole=False) -> None:
-        """After one commit of this process: keep the status copy of (run, round) when the table moved by exactly this
-        commit since the copy (no other writer in between), else drop it. Copies of other rounds stay: their version
-        no longer matches, so they are read again when asked."""
+        """After one commit of this process: when the table moved by exactly this commit since the copy of (run, round)
+        (no other writer in between), that copy takes the record written, and the copies of other rounds read at the
+        same version stay valid (the commit wrote one row of this round); else the copy is dropped (the others no
+        longer match the version, so they are read again when asked)."""
         version = self.rounds.version
         if known is not None and version == known[0] + 1:
+            for key, (seen, status) in list(self._stage_status.items()):
+                if seen == known[0]:
+                    self._stage_status[key] = version, status
             self._stage_status[(run, round)] = version, stage_records.with_written(known[1], written, whole=whole)
         else:
             self._stage_status.pop((run, round), None)
