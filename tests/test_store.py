@@ -308,7 +308,8 @@ def test_stage_status_copy_equals_the_table_after_every_write(store, tmp_path, m
     assert store.stage_status("r", 1) == {}  # round 1's first read; then its writes keep round 0's copy valid
     store.stage_started("r", 1, "generate", previous=None)
     reads.clear()
-    assert store.stage_status("r", 0) == fresh() and reads == []
+    cached = store.stage_status("r", 0)
+    assert reads == [] and cached == fresh()
     assert store.stage_status("r", 1) == stage_records.stage_status(store.rounds, "r", 1)
     cached = store.stage_status("r", 0)
     cached["generate"]["status"] = "edited by a caller"  # callers get copies
