@@ -234,9 +234,13 @@ def _prefix_shared_forward(model, examples: Sequence[Example], pad_token_id: int
     group_of = _prompt_groups(examples)
     firsts = [examples[group_of.index(g)] for g in range(group_of[-1] + 1)]
     prompts, prompt_attention = _pad_right([e.prompt_ids for e in firsts], pad_token_id, device)  # (G, P)
-    out = model(input_ids=prompts, attention_mask=prompt_attention, use_cache=True)
     index = torch.tensor(group_of, device=device)  # (N,)
     prompt_len = prompt_attention.sum(-1)[index]  # (N,)
+    # only the prompts' last positions predict a response token: the LM head runs on those alone (their distinct
+    # positions, U <= G), not on every prompt position, forward and backward
+    keep = torch.unique(prompt_len - 1)  # (U,) sorted
+    kwargs = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
+    out = model(input_ids=prompts, attention_mask=prompt_attention, use_cache=True, **kwargs)
     cache = out.past_key_values
     cache.batch_select_indices(index)
     responses, response_attention = _pad_right([e.response_ids for e in examples], pad_token_id, device)  # (N, R)
@@ -244,7 +248,8 @@ def _prefix_shared_forward(model, examples: Sequence[Example], pad_token_id: int
     attention = torch.cat([prompt_attention[index], response_attention], dim=1)  # (N, P + R)
     logits = model(input_ids=responses, attention_mask=attention, position_ids=positions,
                    past_key_values=cache, use_cache=True).logits  # (N, R, V)
-    first_logits = out.logits[index, prompt_len - 1]  # (N, V) the prompt's last position predicts token 1
+    last = torch.searchsorted(keep, prompt_len - 1) if kwargs else prompt_len - 1  # (N,) its column in out.logits
+    first_logits = out.logits[index, last]  # (N, V) the prompt's last position predicts token 1
     aligned = torch.cat([first_logits[:, None], logits[:, :-1]], dim=1)  # (N, R, V)
     return _from_aligned(aligned, responses, response_attention.bool(), eos_token_id)
 

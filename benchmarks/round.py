@@ -1,22 +1,28 @@
 """Wall time of one smoke round by stage, and the share spent outside the stages (orchestration and store).
 
-    .venv/bin/python benchmarks/round.py [--config infra/configs/smoke.yaml] [--set key.path=value ...] [--arms ...]
+    .venv/bin/python benchmarks/round.py [--config infra/configs/smoke.yaml] [--prompts N] [--set key.path=value ...]
+                                         [--arms ...] [--repeats R]
 
-(--set as in `ampo round`, e.g. --set prompts.per_round=96 --set eval.max_prompts=48 for a larger smoke round.)
+(--prompts N: N prompts a round and N/2 evaluation prompts, the smoke round's model and backend (tiny-llama,
+transformers); --set as in `ampo round`.)
 
-Runs an untimed warm-up round first (imports, model builds), then the round once per arm in the same process, each
-on a fresh store. Arms (--arms, comma-separated; default all but flow-plots):
-  plain-before  plain `run_stage` calls plus the round report (no Prefect), stage records written as before
-                (each stage re-reads its record before marking it running, and counts and re-reads it when done)
-  plain         the same with the records written now (two commits a stage, no other read of the rounds table)
-  flow-before   the Prefect flow on the temporary local server (started before timing), as `ampo round` runs it,
-                records as before
-  flow          the flow as it runs now
+Runs an untimed warm-up round first (imports, model builds), then the round once per arm and repeat in the same
+process, each on a fresh store; the arms take turns, so that a change in the machine's load reaches them all. Arms
+(--arms, comma-separated; default all but flow-plots):
+  plain-before  plain `run_stage` calls plus the round report (no Prefect), as before the status copy: every
+                stage_status call scans the rounds table
+  plain         the same now: stage_status answers from the records this process read or wrote while the rounds
+                table's version shows no other commit
+  flow-before   the Prefect flow on the temporary local server (started before timing), as `ampo round` ran it
+                before: the status scans above, the config walked by Prefect at every task call (no `quote`), result
+                persistence left to Prefect's settings (one more server read a flow run), and the temporary-server
+                settings built with `temporary_settings` (a validation of all of Prefect's settings)
+  flow          the flow as `ampo round` runs it now (timed from entering `local_flow_settings`)
   flow-plots    the flow with `plots=True` (the report's three plots drawn and published)
 For each: wall time, the seconds the stages recorded, and what is left (orchestration, store bookkeeping, the
-report). Prefect's own cost is the difference of the flow's and the plain arm's seconds outside the stages. That cost is then split by two empty
-flows timed in the same process: one with no task (Prefect's fixed cost per flow run) and one with as many no-op
-tasks as the round has (its cost per task).
+report); with --repeats, the median of each. Prefect's own cost is the difference of the flow's and the plain arm's
+seconds outside the stages. That cost is then split by two empty flows timed in the same process: one with no task
+(Prefect's fixed cost per flow run) and one with as many no-op tasks as the round has (its cost per task).
 """
 
 from __future__ import annotations
@@ -45,24 +51,47 @@ from ampo.stages.context import open_store
 
 
 @contextlib.contextmanager
-def records_as_before():
-    """Stage records written as before: stage_started reads the stage's record itself, and stage_done counts the
-    row and reads the round's records back (the runner's `previous` and `started` dropped)."""
+def status_as_before():
+    """Every stage_status call scans the rounds table (no copy of what this process read or wrote)."""
     from ampo.store import Store, stage_records
 
-    saved = Store.stage_started, Store.stage_done
-
-    def stage_started(self, run, round, stage, *, previous=None):
-        return stage_records.stage_started(self.rounds, run, round, stage)
-
-    def stage_done(self, run, round, stage, counts, seconds, *, started=None, **extra):
-        return saved[1](self, run, round, stage, counts, seconds, **extra)
-
-    Store.stage_started, Store.stage_done = stage_started, stage_done
+    saved = Store.stage_status
+    Store.stage_status = lambda self, run, round: stage_records.stage_status(self.rounds, run, round)
     try:
         yield
     finally:
-        Store.stage_started, Store.stage_done = saved
+        Store.stage_status = saved
+
+
+@contextlib.contextmanager
+def flow_as_before():
+    """The flow as it ran before: tasks given the config itself (Prefect walks it looking for futures at every call),
+    persistence left to Prefect's settings, and the heartbeat-free settings built by `temporary_settings`."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    import flows.self_play as fsp
+    import tasks.stage_tasks as st
+
+    @contextlib.contextmanager
+    def local_flow_settings():
+        if PREFECT_API_URL.value():
+            yield
+            return
+        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            yield
+
+    saved = dict(st.STAGE_TASKS), fsp.report, fsp.quote, fsp.local_flow_settings, fsp.self_play_round
+    st.STAGE_TASKS.update({k: t.with_options(persist_result=None) for k, t in saved[0].items()})
+    fsp.report = saved[1].with_options(persist_result=None)
+    fsp.quote = lambda value: value
+    fsp.local_flow_settings = local_flow_settings
+    fsp.self_play_round = saved[4].with_options(persist_result=None)
+    try:
+        with status_as_before():
+            yield
+    finally:
+        st.STAGE_TASKS.update(saved[0])
+        fsp.report, fsp.quote, fsp.local_flow_settings, fsp.self_play_round = saved[1:]
 
 
 def stage_seconds(cfg, run: str) -> dict[str, float]:
@@ -80,15 +109,10 @@ def plain(cfg, plots: bool = False) -> float:
     return time.perf_counter() - start
 
 
-def before(runner, cfg) -> float:
-    with records_as_before():
-        return runner(cfg)
-
-
 def with_prefect(cfg, plots: bool = False) -> float:
     from prefect import flow
 
-    from flows.self_play import local_flow_settings, self_play_round
+    import flows.self_play as fsp
 
     @flow
     def warm_up() -> int:
@@ -96,10 +120,18 @@ def with_prefect(cfg, plots: bool = False) -> float:
 
     warm_up()  # starts the temporary server outside the timed region
     settle()
-    with local_flow_settings():  # as `ampo round` runs it
-        start = time.perf_counter()
-        self_play_round(cfg, "bench", 0, plots=plots)
-        return time.perf_counter() - start
+    start = time.perf_counter()
+    with fsp.local_flow_settings():  # as `ampo round` runs it
+        fsp.self_play_round(cfg, "bench", 0, plots=plots)
+    return time.perf_counter() - start
+
+
+def before(runner, patch):
+    def run(cfg):
+        with patch():
+            return runner(cfg)
+
+    return run
 
 
 SETTLE_S = 5.0
@@ -150,10 +182,15 @@ def main() -> None:
     parser.add_argument("--arms", default="plain-before,plain,flow-before,flow",
                         help="plain-before, plain, flow-before, flow, flow-plots (see above)")
     parser.add_argument("--config", default=str(REPO / "infra" / "configs" / "smoke.yaml"))
+    parser.add_argument("--prompts", type=int, default=None,
+                        help="prompts a round (prompts.per_round), and half as many evaluation prompts")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds per arm (the arms take turns); medians")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, as in `ampo round --set`")
     args = parser.parse_args()
     overrides = {}
+    if args.prompts is not None:
+        overrides.update({"prompts.per_round": args.prompts, "eval.max_prompts": max(1, args.prompts // 2)})
     for item in args.overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -162,27 +199,36 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:  # warm-up, untimed
         plain(load_config(args.config, {**overrides, "store.uri": f"{tmp}/store", "runtime.workdir": f"{tmp}/work"}),
               plots=True)  # matplotlib imported outside the timed rounds
-    runners = {"plain-before": lambda cfg: before(plain, cfg), "plain": plain,
-               "flow-before": lambda cfg: before(with_prefect, cfg), "flow": with_prefect,
+    runners = {"plain-before": before(plain, status_as_before), "plain": plain,
+               "flow-before": before(with_prefect, flow_as_before), "flow": with_prefect,
                "flow-plots": lambda cfg: with_prefect(cfg, plots=True)}  # fmt: skip
-    unknown = sorted(set(args.arms.split(",")) - set(runners))
+    labels = args.arms.split(",")
+    unknown = sorted(set(labels) - set(runners))
     if unknown:
         parser.error(f"--arms {unknown}: choose from {list(runners)}")
+    runs = {label: [] for label in labels}
+    for _ in range(args.repeats):
+        for label in labels:
+            with tempfile.TemporaryDirectory() as tmp:
+                cfg = load_config(args.config, {**overrides, "store.uri": f"{tmp}/store",
+                                                "runtime.workdir": f"{tmp}/work"})  # fmt: skip
+                wall = runners[label](cfg)
+                runs[label].append((wall, stage_seconds(cfg, "bench")))
     rows = []
-    for label in args.arms.split(","):
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg = load_config(args.config, {**overrides, "store.uri": f"{tmp}/store", "runtime.workdir": f"{tmp}/work"})
-            wall = runners[label](cfg)
-            stages = stage_seconds(cfg, "bench")
-            rows.append((label, wall, stages))
+    for label in labels:  # the median round of each arm, by its seconds outside the stages
+        ordered = sorted(runs[label], key=lambda r: r[0] - sum(r[1].values()))
+        wall, stages = ordered[len(ordered) // 2]
+        rows.append((label, wall, stages))
     print(f"| stage | {' | '.join(label for label, _, _ in rows)} |")
     print("|---|" + "---|" * len(rows))
     for name in STAGES:
         print(f"| {name} | " + " | ".join(f"{s[name]:.1f} s" for _, _, s in rows) + " |")
     for label, wall, stages in rows:
         inside = sum(stages.values())
+        every = " ".join(f"{w - sum(s.values()):.2f}" for w, s in runs[label])
         print(f"\n{label}: wall {wall:.2f} s, stages {inside:.2f} s, outside the stages {wall - inside:.2f} s "
-              f"= {100 * (wall - inside) / wall:.1f}%")
+              f"= {100 * (wall - inside) / wall:.1f}%" + (f" (median of {len(runs[label])}: {every} s)"
+                                                           if len(runs[label]) > 1 else ""))  # fmt: skip
     walls = {label: (wall, wall - sum(stages.values())) for label, wall, stages in rows}
     for now, was in (("plain", "plain-before"), ("flow", "flow-before")):
         if now in walls and was in walls:

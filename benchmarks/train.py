@@ -8,6 +8,9 @@ Trainers, each in its own subprocess (so peak memory is each one's own):
   ampo-padded  ampo.trainer, AMPO loss (reference-free), every prompt's K responses in one group, padded forward
   ampo-packed  the same, packed forward (one row, no padding)
   ampo-prefix  the same, prefix-shared forward (a prompt's KV computed once for its K responses)
+  ampo-prefix-before  the same as before issue 12's last changes: AdamW in torch's default implementation (not
+               the fused kernel that ampo.trainer.make_optimizer picks, as transformers' Trainer does for TRL), and
+               the prompt pass computing the LM head at every prompt position (not only at each prompt's last)
   ampo-pairs   ampo.trainer, DPO loss, best-vs-worst pairs, packed forward, reference log-probs computed before
   trl-pairs    trl.DPOTrainer, DPO sigmoid loss, the same pairs, reference log-probs precomputed
 Preference signals: a group of K responses gives K-1 (chosen, rejected) pairs, a pair gives 1; "pairs/s" is that
@@ -47,9 +50,9 @@ SHAPES = {
     "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
                      "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152},
 }
-TRAINERS = ("ampo-padded", "ampo-packed", "ampo-prefix", "ampo-pairs", "trl-pairs")
+TRAINERS = ("ampo-padded", "ampo-packed", "ampo-prefix", "ampo-prefix-before", "ampo-pairs", "trl-pairs")
 FORWARD_MODES = {"ampo-padded": "padded", "ampo-packed": "packed", "ampo-prefix": "prefix_shared",
-                 "ampo-pairs": "packed"}
+                 "ampo-prefix-before": "prefix_shared", "ampo-pairs": "packed"}
 
 
 # ----------------------------------------------------------------------------- setup (parent process)
@@ -157,6 +160,14 @@ def run_ampo(work: Path, trainer: str, args) -> dict:
         return model
 
     trainer_module.load_policy = load_and_count  # count the trained model's tokens, as for TRL below
+    if trainer.endswith("-before"):  # torch's default AdamW, and logits at every prompt position
+        import torch
+
+        import ampo.logps
+
+        trainer_module.make_optimizer = lambda model, c: torch.optim.AdamW(model.parameters(), lr=c.lr,
+                                                                           weight_decay=c.weight_decay)
+        ampo.logps._accepts_logits_to_keep = lambda model: False
     shutil.rmtree(work / f"out-{trainer}", ignore_errors=True)  # a finished checkpoint would not be retrained
     rss_before = peak_rss_mb()
     result = trainer_module.train(

@@ -6,6 +6,7 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -56,6 +57,39 @@ def _prefect_env() -> None:
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
 
+def _start_temporary_server() -> Callable[[], None]:
+    """With no Prefect server configured (no PREFECT_API_URL), start Prefect's temporary server now, from a thread,
+    so that its start (a process of its own: imports, database migrations, 5-30 s on 2 busy cores) overlaps the
+    imports that follow (the flows, the stages, torch); returns the wait for it, called before the first flow. The
+    flow's client then finds it running (Prefect keeps one temporary server per process). With a server
+    configured, nothing is started and the wait returns at once."""
+    import threading
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
+        return lambda: None
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            from prefect.server.api.server import SubprocessASGIServer
+
+            SubprocessASGIServer().start()
+        except Exception as err:  # noqa: BLE001 - raised again in the main thread by the wait
+            failed.append(err)
+
+    thread = threading.Thread(target=start, name="prefect-temporary-server", daemon=True)
+    thread.start()
+
+    def ready() -> None:
+        thread.join()
+        if failed:
+            raise failed[0]
+
+    return ready
+
+
 def _offline_env() -> None:
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(name, "1")
@@ -71,9 +105,11 @@ def demo(
     _offline_env()
     _prefect_env()
     cfg = _config(config, overrides)
+    server_ready = _start_temporary_server()
     from flows.self_play import local_flow_settings, self_play_round
 
     _quiet_prefect_tracebacks()
+    server_ready()
     with _precheck(cfg, run), local_flow_settings():
         result = self_play_round(cfg, run)
     _print_round_table(cfg, run, result["round"], config, overrides)
@@ -88,9 +124,11 @@ def round_(
     """Run (or resume) one round as a Prefect flow run."""
     _prefect_env()
     cfg = _config(config, overrides)
+    server_ready = _start_temporary_server()
     from flows.self_play import local_flow_settings, self_play_round
 
     _quiet_prefect_tracebacks()
+    server_ready()
     with _precheck(cfg, run, round_=round_, wait=wait), local_flow_settings():
         result = self_play_round(cfg, run, round_, wait)
     _print_round_table(cfg, run, result["round"], config, overrides)
@@ -105,9 +143,11 @@ def run_rounds(
     """Run N more rounds of a run as a Prefect flow run, each from the current champion."""
     _prefect_env()
     cfg = _config(config, overrides)
+    server_ready = _start_temporary_server()
     from flows.self_play import local_flow_settings, self_play
 
     _quiet_prefect_tracebacks()
+    server_ready()
     with _precheck(cfg, run, rounds=rounds, wait=wait), local_flow_settings():
         results = self_play(cfg, run, rounds, wait)
     for result in results:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 from prefect import flow
+from prefect.utilities.annotations import quote
 
 from ampo import stages
 from ampo.config import RunConfig, RunId, credential_env, validate_run_id
@@ -20,12 +21,13 @@ from tasks.stage_tasks import STAGE_TASKS, report
 RUN_SLOT_LEASE_S = 120.0  # a killed holder's slot frees this long after its last renewal (renewed every 90 s)
 
 
-@flow(name="self-play-round", log_prints=True, validate_parameters=True)
+@flow(name="self-play-round", log_prints=True, validate_parameters=True, persist_result=False)
 def self_play_round(config: RunConfig, run_id: RunId, round: int | None = None, wait_s: float = 0.0,
                     plots: bool = False) -> dict:  # fmt: skip
     """Run (or resume) one round: generate, score, embed, select, reflogps, train, evaluate, promote.
 
     Finished stages are skipped, so re-running after a crash finishes the rest. `round=None` takes the next one.
+    The flow and its tasks persist no results: the store holds every stage's record and output.
     `plots=True` also draws the report's plots and shows them in the round's artifacts (about 0.4 s a round; the
     deployments of infra/prefect.yaml and `ampo serve` ask for them). The round holds the run for its whole length
     (`one_writer`: the file lock, and the run's Prefect concurrency limit when a server is configured), waiting up
@@ -37,14 +39,15 @@ def self_play_round(config: RunConfig, run_id: RunId, round: int | None = None, 
     with one_writer(config, run_id, wait_s), store_credentials(config):
         round_ = stages.next_round(config, run_id) if round is None else round
         stages.check_round_order(config, run_id, round_)  # before any stage: round r needs round r-1 complete
+        shared = quote(config)  # each task gets the config as is: Prefect does not walk it looking for futures
         for name in stages.STAGES:
-            STAGE_TASKS[name](config, run_id, round_)
-        files = report(config, run_id, round_, plots)
+            STAGE_TASKS[name](shared, run_id, round_)
+        files = report(shared, run_id, round_, plots)
         stages.mark_reported(config, run_id, round_)  # last: until then the next run resumes this round
         return {"run": run_id, "round": round_, **stages.round_outcome(config, run_id, round_), "report": files}
 
 
-@flow(name="self-play", log_prints=True, validate_parameters=True)
+@flow(name="self-play", log_prints=True, validate_parameters=True, persist_result=False)
 def self_play(config: RunConfig, run_id: RunId, rounds: int = 1, wait_s: float = 0.0,
               plots: bool = False) -> list[dict]:  # fmt: skip
     """Run `rounds` more rounds of `run_id`, each starting from the current champion."""
@@ -58,13 +61,20 @@ def local_flow_settings() -> Iterator[None]:
     """Settings for calling the flows in this process. With no PREFECT_API_URL they run on Prefect's temporary
     server, which lives and dies with this process: its crash-detection heartbeats have no one to warn, and
     joining the heartbeat thread (it sleeps in 1-s steps) adds up to a second to every flow run. Heartbeats
-    stay on whenever a real server is configured."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    stay on whenever a real server is configured.
+
+    The settings are copied with the one field changed (no re-validation: `temporary_settings` rebuilds and
+    validates the whole settings model, 0.1-0.25 s on a busy 2-core machine)."""
+    from prefect.context import SettingsContext
+    from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
         yield
         return
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    context = SettingsContext.get()
+    settings = context.settings
+    quiet = settings.model_copy(update={"flows": settings.flows.model_copy(update={"heartbeat_frequency": None})})
+    with SettingsContext(profile=context.profile, settings=quiet):
         yield
 
 

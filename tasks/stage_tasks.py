@@ -26,6 +26,7 @@ def _stage_task(name: str):
         retry_delay_seconds=5,
         retry_condition_fn=is_transient,
         cache_policy=NO_CACHE,
+        persist_result=False,  # the store is the record; the task returns its stage record for the log only
     )
     def run(config: RunConfig, run_id: str, round_: int) -> dict:
         from ampo.progress import stage_progress
@@ -53,7 +54,7 @@ STAGE_TASKS = {name: _stage_task(name) for name in stages.STAGES}
 generate, score, embed, select, reflogps, train, evaluate, promote = (STAGE_TASKS[n] for n in stages.STAGES)
 
 
-@task(name="report", cache_policy=NO_CACHE)
+@task(name="report", cache_policy=NO_CACHE, persist_result=False)
 def report(config: RunConfig, run_id: str, round_: int, plots: bool = False) -> dict:
     """Write the round's report files and publish them as Prefect artifacts: the summary, the selection statistics,
     the evaluation metrics, one row per selected prompt and (with `plots`) the plots inline; return the file paths."""

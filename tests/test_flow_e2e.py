@@ -28,8 +28,10 @@ def prefect_harness():
 def test_two_rounds_then_crash_and_resume(tmp_path, prefect_harness, monkeypatch):
     from flows.self_play import self_play, self_play_round
 
+    small = {"prompts.per_round": 3, "eval.max_prompts": 2, "generation.max_new_tokens": 12,
+             "eval.max_new_tokens": 12}  # four rounds below, each as small as what they check allows
     cfg = load_config(REPO / "infra" / "configs" / "smoke.yaml",
-                      {"store.uri": str(tmp_path / "store"), "runtime.workdir": str(tmp_path / "work")})
+                      {"store.uri": str(tmp_path / "store"), "runtime.workdir": str(tmp_path / "work"), **small})
     results = self_play(cfg, "e2e", rounds=2)
     assert [r["round"] for r in results] == [0, 1]
     store = open_store(cfg)
@@ -93,14 +95,29 @@ def test_two_rounds_then_crash_and_resume(tmp_path, prefect_harness, monkeypatch
         holder.join()
 
 
-def test_subprocess_isolation_runs_stages_in_child_processes(tmp_path, prefect_harness):
+def test_subprocess_isolation_runs_stages_in_child_processes(tmp_path, prefect_harness, monkeypatch):
+    """With stage_isolation: subprocess the flow runs the model stages in child processes (`python -m
+    ampo.stages.child`, which share the run's lock) and the round completes. The round's data stages run here first,
+    in this process, so that two children (train, evaluate) prove it at a third of the cost of six; the stage
+    functions of this process raise for those two, so the round can only finish if children ran them."""
     from flows.self_play import self_play_round
 
     cfg = load_config(REPO / "infra" / "configs" / "smoke.yaml",
                       {"store.uri": str(tmp_path / "store"), "runtime.workdir": str(tmp_path / "work"),
-                       "runtime.stage_isolation": "subprocess", "prompts.per_round": 2, "eval.max_prompts": 2})
+                       "runtime.stage_isolation": "subprocess", "prompts.per_round": 2, "eval.max_prompts": 2,
+                       "generation.max_new_tokens": 12, "eval.max_new_tokens": 12})
+    for name in ("generate", "score", "embed", "select", "reflogps"):
+        stages.run_stage(name, cfg, "iso", 0)
+
+    def not_here(ctx):
+        raise AssertionError("an isolated stage ran in the flow's process")
+
+    for name in ("train", "evaluate"):
+        monkeypatch.setitem(stages.STAGE_FUNCTIONS, name, not_here)
     result = self_play_round(cfg, "iso", 0)
     assert result["round"] == 0
     saved = json.loads((tmp_path / "work" / "runs" / "iso" / "config.json").read_text())
     assert saved["runtime"]["stage_isolation"] == "subprocess"
-    assert all(s["status"] == "done" for s in open_store(cfg).stage_status("iso", 0).values())
+    status = open_store(cfg).stage_status("iso", 0)
+    assert all(s["status"] == "done" for s in status.values()) and len(status) == len(stages.STAGES)
+    assert status["train"]["attempts"] == status["evaluate"]["attempts"] == 1

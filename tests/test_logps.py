@@ -207,6 +207,21 @@ def test_prefix_shared_forward_equals_padded(model, tokenizer, examples):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_prefix_shared_forward_without_logits_to_keep_equals_padded(model, tokenizer, examples, monkeypatch):
+    """The prompt pass keeps only the prompts' last positions (logits_to_keep: 3 prompts of 3 lengths here); a model
+    without logits_to_keep computes them all and the same positions are read."""
+    from ampo import logps
+
+    kw = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    assert len({len(e.prompt_ids) for e in examples}) == 3  # three distinct last positions to map back
+    kept = group_logps(model, examples, forward_mode="prefix_shared", **kw)
+    monkeypatch.setattr(logps, "_accepts_logits_to_keep", lambda model: False)
+    for a, b in zip(group_logps(model, examples, **kw), group_logps(model, examples, forward_mode="prefix_shared", **kw)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    for a, b in zip(kept, group_logps(model, examples, forward_mode="prefix_shared", **kw)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
 def _grads(model, tokenizer, examples, mode) -> list:
     """Parameter gradients of the summed mean log-probs under forward `mode`."""
     model.zero_grad()

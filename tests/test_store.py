@@ -276,6 +276,50 @@ def test_stage_records_from_what_the_runner_read_equal_the_stored_ones(store, mo
     assert (record["attempts"], record["counts"], record["gate"], record["seconds"]) == (2, {}, {"passed": True}, 0.25)
 
 
+def test_stage_status_copy_equals_the_table_after_every_write(store, tmp_path, monkeypatch):
+    """stage_status answers from the records this process read or wrote while the rounds table has no other commit
+    (a version check, no scan): after each kind of write (a new row, a retry over an existing one, a failure, a
+    done without a start) it must equal a fresh read; another process's commit is seen at once."""
+    from ampo.store import stage_records
+
+    def fresh():
+        return stage_records.stage_status(store.rounds, "r", 0)
+
+    reads = []
+    monkeypatch.setattr(stage_records, "scan", lambda *a, **k: reads.append("scan") or scan(*a, **k))
+    assert store.stage_status("r", 0) == {} and reads == ["scan"]  # the first question reads the table
+    steps = [
+        lambda: store.stage_started("r", 0, "generate", previous=None),  # a new row: the table's defaults
+        lambda: store.stage_done("r", 0, "generate", {"rows": 2}, 1.5, started=store.stage_status("r", 0)["generate"]),
+        lambda: store.stage_started("r", 0, "score", previous=None),
+        lambda: store.stage_failed("r", 0, "score", "out of memory"),  # over an existing row
+        lambda: store.stage_started("r", 0, "score", previous=store.stage_status("r", 0)["score"]),  # attempt 2
+        lambda: store.stage_failed("r", 0, "embed", "never started"),  # a new row written by a failure
+        lambda: store.stage_done("r", 0, "promote", {}, 0.1, gate={"passed": True}),  # done without a start
+    ]
+    for step in steps:
+        step()
+        reads.clear()
+        cached = store.stage_status("r", 0)
+        assert reads == [], "answered from the copy"  # no scan: the table moved only by this process's commit
+        assert cached == fresh()
+        assert list(cached) == list(fresh())  # in the same order
+    assert store.stage_status("r", 0)["score"]["attempts"] == 2 and store.stage_status("r", 0)["score"]["message"] == ""
+    assert store.stage_status("r", 1) == {}  # round 1's first read; then its writes keep round 0's copy valid
+    store.stage_started("r", 1, "generate", previous=None)
+    reads.clear()
+    cached = store.stage_status("r", 0)
+    assert reads == [] and cached == fresh()
+    assert store.stage_status("r", 1) == stage_records.stage_status(store.rounds, "r", 1)
+    cached = store.stage_status("r", 0)
+    cached["generate"]["status"] = "edited by a caller"  # callers get copies
+    assert store.stage_status("r", 0)["generate"]["status"] == "done"
+    other = Store(store.uri, store.dim)  # another process's handle on the same store
+    other.stage_done("r", 0, "score", {"scored": 3}, 0.5)
+    reads.clear()
+    assert store.stage_status("r", 0)["score"]["status"] == "done" and reads == ["scan"]  # its commit is read
+
+
 def test_tag_pins_a_round_and_checkout_reads_it(store):
     store.upsert_candidates(rows_for("run-a", 0, {"p": 3}))
     tag = store.tag_round("run-a", 0)

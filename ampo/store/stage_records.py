@@ -74,18 +74,39 @@ def stage_done(
     return _decoded([{**{f: None for f in RoundStage.model_fields}, **started, **record}])[0]
 
 
-def stage_failed(table: Table, run: str, round: int, stage: str, message: str) -> None:
-    """Mark (run, round, stage) failed with the error text; a later run retries it."""
+def stage_failed(table: Table, run: str, round: int, stage: str, message: str) -> dict:
+    """Mark (run, round, stage) failed with the error text; a later run retries it. Returns the fields written."""
     record = {"id": stage_id(run, round, stage), "run": run, "round": round, "stage": stage, "status": "failed",
               "finished_at": utcnow(), "message": str(message)[:10_000]}  # fmt: skip
     exists = table.count_rows(filters.id_is(record["id"])) > 0
     upsert(table, to_table([record], RoundStage, partial=exists), insert=not exists)
+    return record
 
 
 def stage_status(table: Table, run: str, round: int) -> dict[str, dict]:
     """stage -> its record (JSON fields decoded) for every stage of (run, round) seen so far."""
-    rows = _decoded(scan(table, filters.round_is(run, round)).to_pylist())
+    return _ordered(_decoded(scan(table, filters.round_is(run, round)).to_pylist()))
+
+
+def _ordered(rows: list[dict]) -> dict[str, dict]:
     return {row["stage"]: row for row in sorted(rows, key=lambda r: r["started_at"] or r["finished_at"])}
+
+
+def with_written(status: dict[str, dict], written: dict, *, whole: bool = False) -> dict[str, dict]:
+    """`status` (as stage_status reads it) after a commit of one record: with `whole`, the stage's whole record as
+    stage_status reads it (stage_done's return value); else the fields as stage_started or stage_failed wrote them,
+    which go over the stage's previous record, or over the table's defaults when it had none (a new row takes
+    RoundStage's defaults for the fields it was not given)."""
+    record = written
+    if not whole:
+        previous = status.get(written["stage"])
+        base = previous if previous is not None else _decoded([dict(_DEFAULTS)])[0]
+        given = _decoded([{**{f: None for f in JSON_FIELDS}, **written}])[0]  # JSON fields it wrote, decoded
+        record = {**base, **{k: given[k] for k in written}}
+    return _ordered([*(r for stage, r in status.items() if stage != written["stage"]), record])
+
+
+_DEFAULTS = {name: (None if info.is_required() else info.default) for name, info in RoundStage.model_fields.items()}
 
 
 def stage_records(table: Table, run: str | None = None) -> list[dict]:

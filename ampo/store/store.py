@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import logging
@@ -73,6 +74,7 @@ class Store:
         self.checkpoints = open_table(self.db, "checkpoints", Checkpoint)
         self.dim = dim
         self.latest = CandidatesView(self.candidates, dim)
+        self._stage_status: dict[tuple[str, int], tuple[int, dict]] = {}  # (run, round) -> (rounds version, status)
 
     def __repr__(self) -> str:
         return f"Store({self.uri!r}, dim={self.dim})"
@@ -167,12 +169,16 @@ class Store:
 
     def stage_started(self, run: str, round: int, stage: str, *, previous=stage_records.UNREAD) -> dict:
         """Mark the stage running (one commit); `previous`: its record as read by the caller (None: it has none)."""
-        return stage_records.stage_started(self.rounds, run, round, stage, previous=previous)
+        known = self._known_status(run, round)
+        record = stage_records.stage_started(self.rounds, run, round, stage, previous=previous)
+        self._wrote(run, round, known, record)
+        return record
 
     def stage_done(self, run: str, round: int, stage: str, counts: dict, seconds: float, **extra) -> dict:
         """Completion record of a stage, written last with the candidates version; extra: metrics, gate, message, and
         started (stage_started's record: no read besides the version)."""
-        return stage_records.stage_done(
+        known = self._known_status(run, round)
+        record = stage_records.stage_done(
             self.rounds,
             run,
             round,
@@ -182,12 +188,42 @@ class Store:
             store_version=self.version,
             **extra,
         )
+        self._wrote(run, round, known, record, whole=True)
+        return record
 
     def stage_failed(self, run: str, round: int, stage: str, message: str) -> None:
-        stage_records.stage_failed(self.rounds, run, round, stage, message)
+        known = self._known_status(run, round)
+        self._wrote(run, round, known, stage_records.stage_failed(self.rounds, run, round, stage, message))
 
     def stage_status(self, run: str, round: int) -> dict[str, dict]:
-        return stage_records.stage_status(self.rounds, run, round)
+        """stage -> its record for every stage of (run, round) seen so far (stage_records.stage_status).
+
+        The records as this process last read or wrote them, when the `rounds` table's version shows no commit since
+        (one version check instead of a scan; any other writer's commit changes the version, and the table is read
+        again)."""
+        version = self.rounds.version
+        known = self._stage_status.get((run, round))
+        if known is None or known[0] != version:
+            known = version, stage_records.stage_status(self.rounds, run, round)  # read at `version` or later
+            self._stage_status[(run, round)] = known
+        return copy.deepcopy(known[1])
+
+    def _known_status(self, run: str, round: int) -> tuple[int, dict] | None:
+        return self._stage_status.get((run, round))
+
+    def _wrote(self, run: str, round: int, known: tuple[int, dict] | None, written: dict, *, whole=False) -> None:
+        """After one commit of this process: when the table moved by exactly this commit since the copy of (run, round)
+        (no other writer in between), that copy takes the record written, and the copies of other rounds read at the
+        same version stay valid (the commit wrote one row of this round); else the copy is dropped (the others no
+        longer match the version, so they are read again when asked)."""
+        version = self.rounds.version
+        if known is not None and version == known[0] + 1:
+            for key, (seen, status) in list(self._stage_status.items()):
+                if seen == known[0]:
+                    self._stage_status[key] = version, status
+            self._stage_status[(run, round)] = version, stage_records.with_written(known[1], written, whole=whole)
+        else:
+            self._stage_status.pop((run, round), None)
 
     def is_done(self, run: str, round: int, stage: str) -> bool:
         return stage_records.is_done(self.rounds, run, round, stage)
