@@ -7,7 +7,6 @@ into an error instead of a silent no-op.
 from __future__ import annotations
 
 import copy
-
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
