@@ -109,8 +109,7 @@ class LossFn:
         return self.spec.trainable(batch)
 
     def describe(self) -> dict:
-        return {"name": self.name, **self.params, "eos_lambda": self.config.eos_lambda,
-                "nll_weight": self.config.nll_weight}
+        return self.config.model_dump()  # name, the loss's hyperparameters and the added terms' weights
 
 
 def make_loss_fn(loss_cfg: LossParams) -> LossFn:

@@ -270,9 +270,13 @@ def _drop_tied(selections: list, rewards: np.ndarray) -> tuple[list, int]:
 
     out, dropped = [], 0
     for s, row in zip(selections, rewards):
-        keep = [] if s.skipped else [j for j in s.rejected if row[j] < min(row[c] for c in s.chosen)]
+        if s.skipped:
+            out.append(s)
+            continue
+        floor = min(row[c] for c in s.chosen)
+        keep = [j for j in s.rejected if row[j] < floor]
         dropped += len(s.rejected) - len(keep)
-        if s.skipped or len(keep) == len(s.rejected):
+        if len(keep) == len(s.rejected):
             out.append(s)
         elif keep:
             out.append(replace(s, rejected=keep))
