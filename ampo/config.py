@@ -64,6 +64,9 @@ class GenerationConfig(_Frozen):
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)  # vLLM only
     enforce_eager: bool = False  # vLLM; always eager on CPU
     max_model_len: int | None = Field(None, ge=16)  # vLLM context (prompt + response); None: the model's own
+    # vLLM on CPU: the top-p nucleus found among each row's 256 largest tokens ("candidates", the same masks as
+    # vLLM's, ampo.generation.top_p) or by vLLM's sort of the whole vocabulary every step ("sort")
+    cpu_top_p: Literal["candidates", "sort"] = "candidates"
 
 
 class RewardComponent(_Frozen):

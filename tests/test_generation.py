@@ -260,6 +260,38 @@ def test_vllm_engine_args_by_device():
     assert cpu["trust_remote_code"] is False and cpu["logprobs_mode"] == "raw_logprobs"
 
 
+def test_vllm_top_p_from_candidates_samples_what_the_sort_samples(vllm_runs, monkeypatch):
+    """generation.cpu_top_p: the engine takes the nucleus from the largest tokens (installed at start); switched
+    back to vLLM's sort, the same seeds give the same texts, token counts and log-probs. top_p 0.3 keeps the tiny
+    random model's nucleus (near-uniform over 512 tokens) within the 256 candidates, so the candidates decide rows."""
+    from ampo.generation import top_p
+    from ampo.generation.vllm_backend import use_candidate_top_p
+
+    gen = vllm_runs[0]
+    decided = []
+    mask = top_p.top_p_mask
+
+    def counting(logits, p, fallback, **kw):
+        sorted_rows = []
+        out = mask(logits, p, lambda rows, rows_p: sorted_rows.append(len(rows)) or fallback(rows, rows_p), **kw)
+        decided.append(len(logits) - sum(sorted_rows))
+        return out
+
+    monkeypatch.setattr(top_p, "top_p_mask", counting)
+    monkeypatch.setattr(gen, "cfg", gen.cfg.model_copy(update={"top_p": 0.3}))
+    fast = gen.generate(PROMPTS, n=N, seeds=SEEDS)
+    try:
+        use_candidate_top_p(False)
+        slow = gen.generate(PROMPTS, n=N, seeds=SEEDS)
+    finally:
+        use_candidate_top_p(True)
+    assert sum(decided) > 0  # the candidate path ran and decided rows itself
+    assert texts(fast) == texts(slow)
+    assert [[(s.n_tokens, s.logp_mean) for s in row] for row in fast] == [
+        [(s.n_tokens, s.logp_mean) for s in row] for row in slow
+    ]
+
+
 # ----------------------------------------------------------------------------- threads (ampo.threads)
 
 

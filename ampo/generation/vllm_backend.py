@@ -9,6 +9,10 @@ chunked prefill off, so every prefill fits one step. On GPU the default schedule
 Threads on CPU (see `ampo.threads`): the engine computes with every usable core (or OMP_NUM_THREADS when set), and
 closing it gives the process back the real `torch.set_num_threads` and its earlier thread count, which vLLM's CPU
 worker would otherwise leave replaced by a no-op for the rest of the process.
+
+Top-p on CPU (`generation.cpu_top_p`): vLLM's CPU sampler sorts the whole vocabulary of every row at every step to
+find the nucleus; by default ampo has it take the nucleus from each row's largest tokens instead
+(`ampo.generation.top_p`: the same masks, so the same samples; rows it cannot decide go to vLLM's sort).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from ampo.generation import (
     render_prompt,
     resolve_device,
     resolve_dtype,
+    top_p,
 )
 from ampo.threads import engine_threads, remember_torch_threads, restore_torch_threads
 
@@ -63,6 +68,8 @@ class VLLMGenerator(Generator):
         self._torch_threads = remember_torch_threads()  # close() restores it (the CPU engine changes it)
         check_safetensors(model_path)  # a truncated file: one error naming it
         manage = manage_threads and self.device == "cpu"
+        if self.device == "cpu":
+            use_candidate_top_p(cfg.cpu_top_p == "candidates")
         with engine_threads() if manage else contextlib.nullcontext():
             self.llm = LLM(model=model_path, **engine_args(cfg, runtime, self.device, max_model_len))
         self.tokenizer = self.llm.get_tokenizer()
@@ -135,6 +142,26 @@ def engine_args(
     else:
         args["gpu_memory_utilization"] = cfg.gpu_memory_utilization
     return args
+
+
+def use_candidate_top_p(on: bool) -> None:
+    """Route vLLM's CPU top-p step through `ampo.generation.top_p.top_p_mask` (on) or back to vLLM's own sort
+    (off). It is a module function of vLLM's sampler, so this holds for every engine in the process from the next
+    step on; top-k requests and non-CPU tensors always take vLLM's path."""
+    from vllm.v1.sample.ops import topk_topp_sampler as ops
+
+    original = getattr(ops.apply_top_k_top_p_pytorch, "__wrapped__", ops.apply_top_k_top_p_pytorch)
+    if not on:
+        ops.apply_top_k_top_p_pytorch = original
+        return
+
+    def apply_top_k_top_p_pytorch(logits, k, p, allow_cpu_sync: bool = False):
+        if k is not None or p is None or logits.device.type != "cpu":
+            return original(logits, k, p, allow_cpu_sync)
+        return top_p.top_p_mask(logits, p, lambda rows, rows_p: original(rows, None, rows_p, allow_cpu_sync))
+
+    apply_top_k_top_p_pytorch.__wrapped__ = original
+    ops.apply_top_k_top_p_pytorch = apply_top_k_top_p_pytorch
 
 
 def to_sample(completion, tokenizer) -> Sample:

@@ -63,7 +63,8 @@ def _eval_generation(ctx: RoundContext):
 def _eval_key(ctx: RoundContext, prompts: list) -> str:
     """Everything that decides an evaluation's outputs besides the weights: settings, rewards, prompts, device."""
     payload = {"eval": ctx.cfg.eval.model_dump(mode="json"), "reward": ctx.cfg.reward.model_dump(mode="json"),
-               "generation": _eval_generation(ctx).model_dump(mode="json"), "device": ctx.cfg.runtime.device,
+               "generation": _eval_generation(ctx).model_dump(mode="json", exclude={"cpu_top_p"}),  # same outputs
+               "device": ctx.cfg.runtime.device,
                "prompts": [p.prompt_id for p in prompts]}  # fmt: skip
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
