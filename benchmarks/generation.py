@@ -6,7 +6,8 @@
 Arms (--backends): transformers; vllm (ampo's CPU thread settings: every usable core, see ampo.threads);
 vllm-1-thread (the engine at one thread, as vLLM's "Reducing Torch threads to 1 for serving" means to set it: the
 before-settings arm); vllm-engine-default (the engine's own thread handling in this process, as before ampo's
-settings). An untimed vLLM engine starts and closes first (--no-warm-engine: not), so every timed vLLM arm starts
+settings); vllm-sort-top-p (ampo's settings with generation.cpu_top_p=sort: vLLM's own top-p, a sort of the whole
+vocabulary every step, the before arm of the candidate top-p; same samples). An untimed vLLM engine starts and closes first (--no-warm-engine: not), so every timed vLLM arm starts
 warm; the timed arms run --repeats times in turn and each keeps its best generate time.
 Prints a markdown table: load seconds, generation seconds, generated tokens, tokens/s, the ratio to transformers and
 to the vllm-1-thread arm, and the threads that computed: torch's thread count inside the engine, the process's CPU
@@ -99,6 +100,7 @@ def run_backend(arm: str, model: str, args: argparse.Namespace) -> dict:
         top_p=args.top_p,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
+        cpu_top_p="sort" if arm == "vllm-sort-top-p" else "candidates",
     )
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
     seeds = [derive_seed("bench", 0, f"p{i}") for i in range(len(prompts))]
@@ -123,6 +125,7 @@ def run_backend(arm: str, model: str, args: argparse.Namespace) -> dict:
         "tokens": tokens,
         "tok_s": tokens / gen_s,
         "stop": sum(s.finish_reason == "stop" for s in flat) / len(flat),
+        "texts": [s.text for s in flat],
         "example": flat[0].text,
     }
 
@@ -270,7 +273,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="transformers: prompts per generate call")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--backends", default="transformers,vllm-engine-default,vllm-1-thread,vllm",
-                        help="arms: transformers, vllm, vllm-engine-default, vllm-1-thread")
+                        help="arms: transformers, vllm, vllm-engine-default, vllm-1-thread, vllm-sort-top-p")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each arm, in turn; the best is kept")
     parser.add_argument("--no-warm-engine", dest="warm_engine", action="store_false",
                         help="no untimed vLLM engine before the timed arms")
@@ -315,6 +318,11 @@ def main() -> None:
             f"| {r['tok_s'] / base:.2f}x | {vs_one} | {r['torch_threads']} | {r['cores_used']:.2f} "
             f"| {r['busy_threads']} | {r['stop']:.0%} |"
         )
+    by_arm = {r["backend"]: r for r in results}
+    if "vllm" in by_arm and "vllm-sort-top-p" in by_arm:
+        same = by_arm["vllm"]["texts"] == by_arm["vllm-sort-top-p"]["texts"]
+        print(f"\ntop-p from candidates vs vLLM's sort: {by_arm['vllm']['tok_s'] / by_arm['vllm-sort-top-p']['tok_s']:.2f}x "
+              f"tokens/s; identical samples: {same}")
     if args.after_engine and device == "cpu":
         print_after_engine(after_engine(model, args))
         print(f"\nload_avg_1m at the end={os.getloadavg()[0]:.1f}")
