@@ -294,8 +294,11 @@ def batch_stats(batch: Batch, per_group: Tensor, logps: Tensor) -> Tensor:
 
 
 def should_save(done: int, save_every: int, per_epoch: int, total: int) -> bool:
-    """After `done` optimizer steps: every `save_every` steps (0: never mid-epoch), and at each epoch's end."""
-    return (save_every > 0 and done % save_every == 0) or done % per_epoch == 0 or done == total
+    """After `done` optimizer steps: every `save_every` steps (0: never mid-epoch) and at each epoch's end, except
+    after the last step. The policy is written right after it, and a state there (model and AdamW moments: three
+    times the policy's bytes, 9 s of the demo's 60-s train stage) would be deleted a moment later; a crash while
+    the policy is written reruns from the state before (the steps are deterministic: the same weights)."""
+    return done < total and ((save_every > 0 and done % save_every == 0) or done % per_epoch == 0)
 
 
 # ----------------------------------------------------------------------------- setup helpers

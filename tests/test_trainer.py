@@ -188,7 +188,8 @@ def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(policy, tmp_p
 
 def test_resume_after_a_crash_gives_the_same_losses(dropout_policy, tmp_path):
     groups = make_groups()[:3]
-    # 3 groups x 2 epochs = 6 steps; states every 2 steps and at each epoch's end: 2, 3, 4, 6 (newest two kept)
+    # 3 groups x 2 epochs = 6 steps; states every 2 steps and at each epoch's end but the last: 2, 3, 4 (newest two
+    # kept)
     cfg = tiny_cfg(lr=1e-2, epochs=2, save_every=2)
     loss_fn = make_loss_fn(AmpoConfig())
     full = train(dropout_policy, groups, loss_fn, cfg, output_dir=tmp_path / "full", runtime=CPU)
@@ -217,6 +218,16 @@ def test_resume_after_a_crash_gives_the_same_losses(dropout_policy, tmp_path):
     assert all(torch.equal(final[k], interrupted[k]) for k in final)
     parent = load_file(Path(dropout_policy) / "model.safetensors")
     assert not all(torch.equal(final[k], parent[k]) for k in final)  # training moved them
+
+
+def test_states_are_saved_at_intervals_and_epoch_ends_but_not_after_the_last_step():
+    from ampo.trainer import should_save
+
+    # 3 steps an epoch, 2 epochs (6 steps), save_every 2: 2 and 4 (interval), 3 (epoch end); 6 is the last step
+    assert [d for d in range(1, 7) if should_save(d, 2, 3, 6)] == [2, 3, 4]
+    # save_every 0: epoch ends only, 4 steps an epoch, 3 epochs: 4 and 8; not 12
+    assert [d for d in range(1, 13) if should_save(d, 0, 4, 12)] == [4, 8]
+    assert not should_save(1, 1, 1, 1)  # a one-step run saves no state
 
 
 def test_resume_never_unpickles_a_planted_file(policy, tmp_path):
