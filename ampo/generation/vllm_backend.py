@@ -18,7 +18,6 @@ find the nucleus; by default ampo has it take the nucleus from each row's larges
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 
 from ampo.config import GenerationConfig, RuntimeConfig
@@ -116,8 +115,7 @@ class VLLMGenerator(Generator):
 
         self.llm.llm_engine.engine_core.shutdown()
         self.llm = None
-        gc.collect()
-        cleanup_dist_env_and_memory()
+        cleanup_dist_env_and_memory()  # unfreezes vLLM's frozen objects and collects them (0.55 s: no second gc here)
         restore_torch_threads(self._torch_threads)  # later stages here (ref log-probs, training) use all cores
 
 
