@@ -56,6 +56,23 @@ def test_tie_at_the_boundary_goes_to_the_sort():
     assert len(calls) == 1
 
 
+def test_rows_without_finite_probabilities_and_other_dtypes_go_to_the_sort():
+    logits = torch.randn(3, 600, generator=torch.Generator().manual_seed(3)) * 10  # peaked: nucleus within 64
+    logits[1] = MINUS_INF  # every token removed: softmax gives NaN
+    logits[2, 7] = float("nan")
+    seen = []
+
+    def fallback(rows, p):
+        seen.append(len(rows))
+        return rows
+
+    top_p_mask(logits.clone(), torch.full((3,), 0.9), fallback, candidates=64)
+    assert seen == [2]  # rows 1 and 2, together; row 0 is decided from its 64 largest tokens
+    seen.clear()
+    top_p_mask(logits[:1].clone().double(), torch.full((1,), 0.9, dtype=torch.float64), fallback, candidates=64)
+    assert seen == [1]
+
+
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match=r"\(rows, vocab\).*\(3,\)"):
         top_p_mask(torch.zeros(2, 5), torch.zeros(3), lambda rows, p: rows)

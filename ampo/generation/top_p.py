@@ -11,7 +11,10 @@ it differently:
 - a candidate's cumulative probability lies within `TOLERANCE` of the threshold (vLLM sums the sorted
   probabilities in another order, so a token that close to the boundary could fall on the other side);
 - the last kept and the first masked candidate have equal logits (the sort's order among ties decides which one
-  vLLM keeps).
+  vLLM keeps);
+- the row has no finite probabilities (NaN logits, or every token already at -inf).
+
+Only float32 logits take this path (the tolerance is float32's); others go to the reference whole.
 
 vLLM's rule, restated: with the row's probabilities sorted ascending, a token is masked when the cumulative sum up
 to and including it is at most 1 - p (computed in float32); the largest token is always kept. Kept tokens keep
@@ -44,7 +47,7 @@ def top_p_mask(
                          f"{tuple(p.shape)}")  # fmt: skip
     rows, vocab = logits.shape
     m = min(candidates, vocab)
-    if rows == 0 or m == vocab:
+    if rows == 0 or m == vocab or logits.dtype != torch.float32:
         return fallback(logits, p)
     probs = logits.softmax(dim=-1, dtype=torch.float32)
     top_probs, top_idx = probs.topk(m, dim=-1)  # descending
@@ -56,6 +59,7 @@ def top_p_mask(
     keep[:, 0] = True  # the largest token is always kept
     n_keep = keep.sum(dim=-1)
     undecided = keep[:, -1].clone()  # the nucleus may reach past the candidates
+    undecided |= ~torch.isfinite(total.squeeze(1))  # NaN logits, or every token already removed: vLLM's own answer
     undecided |= ((ascending_cum - threshold).abs() <= TOLERANCE).any(dim=-1)
     top_logits = logits.gather(1, top_idx)
     last_kept = top_logits.gather(1, (n_keep - 1).clamp(max=m - 1).unsqueeze(1)).squeeze(1)
