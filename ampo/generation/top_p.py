@@ -52,7 +52,8 @@ def top_p_mask(
     probs = logits.softmax(dim=-1, dtype=torch.float32)
     top_probs, top_idx = probs.topk(m, dim=-1)  # descending
     total = probs.sum(dim=-1, dtype=torch.float64, keepdim=True)
-    above = top_probs.double().cumsum(dim=-1) - top_probs.double()  # mass of the larger tokens
+    top_double = top_probs.double()
+    above = top_double.cumsum(dim=-1) - top_double  # mass of the larger tokens
     ascending_cum = total - above  # the sorted-ascending cumulative sum at each candidate, in float64
     threshold = (1 - p).unsqueeze(1).double()  # vLLM compares with 1 - p in float32
     keep = ascending_cum > threshold
