@@ -10,13 +10,15 @@ Runs an untimed warm-up round first (imports, model builds), then the round once
 process, each on a fresh store; the arms take turns, so that a change in the machine's load reaches them all. Arms
 (--arms, comma-separated; default all but flow-plots):
   plain-before  plain `run_stage` calls plus the round report (no Prefect), as before the status copy: every
-                stage_status call scans the rounds table
-  plain         the same now: stage_status answers from the records this process read or wrote while the rounds
-                table's version shows no other commit
+                stage_status call scans the rounds table, and each stage's records commit before it goes on
+  plain         the same now, as the flow calls them: stage_status answers from the records this process read or
+                wrote while the rounds table's version shows no other commit, and the records commit in the
+                background while the next stage starts (its first write waits for them)
   flow-before   the Prefect flow on the temporary local server (started before timing), as `ampo round` ran it
                 before: the status scans above, the config walked by Prefect at every task call (no `quote`), result
-                persistence left to Prefect's settings (one more server read a flow run), and the temporary-server
-                settings built with `temporary_settings` (a validation of all of Prefect's settings)
+                persistence left to Prefect's settings (one more server read a flow run), the temporary-server
+                settings built with `temporary_settings` (a validation of all of Prefect's settings), each stage's
+                records committed before it goes on, and the report's artifacts created one after another
   flow          the flow as `ampo round` runs it now (timed from entering `local_flow_settings`)
   flow-plots    the flow with `plots=True` (the report's three plots drawn and published)
 For each: wall time, the seconds the stages recorded, and what is left (orchestration, store bookkeeping, the
@@ -37,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "LANCE_LOG": "error",
-                   "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                   "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_EXTRA_LOGGERS": "ampo",
                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}.items():
     os.environ.setdefault(key, value)
 
@@ -45,6 +47,7 @@ import contextlib
 
 import yaml
 
+from ampo import stages
 from ampo.config import load_config
 from ampo.stages import STAGES, run_stage
 from ampo.stages.context import open_store
@@ -80,18 +83,28 @@ def flow_as_before():
         with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             yield
 
+    def records_now(*args, records_in_background: bool = False, **kwargs):
+        return run_isolated(*args, **kwargs)
+
+    def one_by_one(artifacts):
+        for create, data, key, description in artifacts:
+            create(data, key=key, description=description)
+
     saved = dict(st.STAGE_TASKS), fsp.report, fsp.quote, fsp.local_flow_settings, fsp.self_play_round
+    run_isolated, publish = stages.run_stage_isolated, st.publish_concurrently
     st.STAGE_TASKS.update({k: t.with_options(persist_result=None) for k, t in saved[0].items()})
     fsp.report = saved[1].with_options(persist_result=None)
     fsp.quote = lambda value: value
     fsp.local_flow_settings = local_flow_settings
     fsp.self_play_round = saved[4].with_options(persist_result=None)
+    stages.run_stage_isolated, st.publish_concurrently = records_now, one_by_one
     try:
         with status_as_before():
             yield
     finally:
         st.STAGE_TASKS.update(saved[0])
         fsp.report, fsp.quote, fsp.local_flow_settings, fsp.self_play_round = saved[1:]
+        stages.run_stage_isolated, st.publish_concurrently = run_isolated, publish
 
 
 def stage_seconds(cfg, run: str) -> dict[str, float]:
@@ -99,12 +112,12 @@ def stage_seconds(cfg, run: str) -> dict[str, float]:
     return {name: float(status[name]["seconds"]) for name in STAGES}
 
 
-def plain(cfg, plots: bool = False) -> float:
+def plain(cfg, plots: bool = False, background: bool = True) -> float:
     from ampo.stages import write_round_report
 
     start = time.perf_counter()
     for name in STAGES:
-        run_stage(name, cfg, "bench", 0)
+        run_stage(name, cfg, "bench", 0, records_in_background=background)
     write_round_report(cfg, "bench", 0, plots=plots)
     return time.perf_counter() - start
 
@@ -199,7 +212,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:  # warm-up, untimed
         plain(load_config(args.config, {**overrides, "store.uri": f"{tmp}/store", "runtime.workdir": f"{tmp}/work"}),
               plots=True)  # matplotlib imported outside the timed rounds
-    runners = {"plain-before": before(plain, status_as_before), "plain": plain,
+    runners = {"plain-before": before(lambda cfg: plain(cfg, background=False), status_as_before), "plain": plain,
                "flow-before": before(with_prefect, flow_as_before), "flow": with_prefect,
                "flow-plots": lambda cfg: with_prefect(cfg, plots=True)}  # fmt: skip
     labels = args.arms.split(",")

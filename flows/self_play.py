@@ -16,7 +16,7 @@ from prefect.utilities.annotations import quote
 from ampo import stages
 from ampo.config import RunConfig, RunId, credential_env, validate_run_id
 from ampo.runlock import RunLockedError, run_lock
-from tasks.stage_tasks import STAGE_TASKS, report
+from tasks.stage_tasks import STAGE_TASKS, ampo_info_logs, report
 
 RUN_SLOT_LEASE_S = 120.0  # a killed holder's slot frees this long after its last renewal (renewed every 90 s)
 
@@ -36,7 +36,7 @@ def self_play_round(config: RunConfig, run_id: RunId, round: int | None = None, 
     validate_run_id(run_id)
     if round is not None:
         stages.check_stage_round(round)
-    with one_writer(config, run_id, wait_s), store_credentials(config):
+    with one_writer(config, run_id, wait_s), store_credentials(config), ampo_info_logs():
         round_ = stages.next_round(config, run_id) if round is None else round
         stages.check_round_order(config, run_id, round_)  # before any stage: round r needs round r-1 complete
         shared = quote(config)  # each task gets the config as is: Prefect does not walk it looking for futures

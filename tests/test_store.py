@@ -320,6 +320,76 @@ def test_stage_status_copy_equals_the_table_after_every_write(store, tmp_path, m
     assert store.stage_status("r", 0)["score"]["status"] == "done" and reads == ["scan"]  # its commit is read
 
 
+def test_background_stage_records_commit_in_order_and_writes_wait_for_them(store, monkeypatch):
+    """background=True: stage_started / stage_done return before their commit; stage_status answers with them at once
+    (its round) or as read before them (another round); the next write of the Store waits until they are durable, in
+    the order given; afterwards the copy equals a fresh read, as after synchronous writes."""
+    import threading
+    import time
+
+    import ampo.store.store as store_module
+    from ampo.store import stage_records
+
+    gate, committed = threading.Event(), []
+
+    def slow_upsert(table, rows, **kwargs):  # the writer thread waits for the gate: the commits are pending
+        if threading.current_thread().name.startswith("ampo-stage-records"):
+            gate.wait(10)
+            committed.append(rows["status"][0].as_py())
+        return upsert(table, rows, **kwargs)
+
+    monkeypatch.setattr(store_module, "upsert", slow_upsert)
+    assert store.stage_status("r", 0) == {} and store.stage_status("r", 1) == {}
+    start = time.perf_counter()
+    started = store.stage_started("r", 0, "generate", previous=None, background=True)
+    assert store.stage_status("r", 0)["generate"]["status"] == "running"  # with the pending record
+    assert store.stage_status("r", 1) == {}  # another round: as read before, no waiting
+    done = store.stage_done("r", 0, "generate", {"rows": 2}, 1.5, started=started, background=True)
+    assert time.perf_counter() - start < 5 and committed == []  # nothing waited for the gate
+    assert store.stage_status("r", 0)["generate"] == done
+    assert stage_records.stage_status(store.rounds, "r", 0) == {}  # not durable yet
+    threading.Timer(0.2, gate.set).start()
+    store.upsert_candidates(rows_for("r", 0, {"p": 1}))  # a write: waits for both, in order
+    assert committed == ["running", "done"]
+    assert stage_records.stage_status(store.rounds, "r", 0) == store.stage_status("r", 0) == {"generate": done}
+    assert done["attempts"] == 1 and done["counts"] == {"rows": 2} and done["store_version"] == store.version - 1
+
+
+def test_a_background_stage_record_that_fails_is_written_again_or_raised(store, monkeypatch):
+    """A failed background commit is retried by settle (and the records after it, which the writer then skips, are
+    written in order); a second failure is raised, the records after it are not written, and the status copies are
+    read again."""
+    import ampo.store.store as store_module
+    from ampo.store import stage_records
+
+    failures = []
+
+    def flaky_upsert(table, rows, **kwargs):
+        if failures and rows["status"][0].as_py() == failures[0]:
+            failures.pop(0)
+            raise OSError(f"commit failed ({rows['status'][0].as_py()})")
+        return upsert(table, rows, **kwargs)
+
+    monkeypatch.setattr(store_module, "upsert", flaky_upsert)
+    store.stage_status("r", 0)
+    failures[:] = ["running"]  # the writer's try fails; settle's succeeds; "done" after it is skipped, then written
+    started = store.stage_started("r", 0, "generate", previous=None, background=True)
+    store.stage_done("r", 0, "generate", {"rows": 2}, 1.5, started=started, background=True)
+    store.settle()
+    assert failures == [] and stage_records.stage_status(store.rounds, "r", 0)["generate"]["status"] == "done"
+    assert store.stage_status("r", 0) == stage_records.stage_status(store.rounds, "r", 0)
+    previous = store.stage_status("r", 0).get("score")
+    failures[:] = ["running", "running"]  # both tries fail: raised; the done record after it is not written
+    started = store.stage_started("r", 0, "score", previous=previous, background=True)
+    store.stage_done("r", 0, "score", {}, 0.5, started=started, background=True)
+    with pytest.raises(OSError, match="commit failed"):
+        store.settle()
+    assert "score" not in stage_records.stage_status(store.rounds, "r", 0)
+    assert store.stage_status("r", 0) == stage_records.stage_status(store.rounds, "r", 0)  # read again
+    store.stage_started("r", 0, "score", previous=None)  # the Store writes on
+    assert store.stage_status("r", 0)["score"]["status"] == "running"
+
+
 def test_tag_pins_a_round_and_checkout_reads_it(store):
     store.upsert_candidates(rows_for("run-a", 0, {"p": 3}))
     tag = store.tag_round("run-a", 0)

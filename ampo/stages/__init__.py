@@ -58,8 +58,12 @@ __all__ = ["STAGES", "STAGE_FUNCTIONS", "StageProcessError", "StageResult", "che
 
 
 def run_stage(name: str, cfg: RunConfig, run: str, round_: int, *, force: bool = False,
-              progress: Progress | None = None) -> dict:  # fmt: skip
-    """Run one stage of (run, round) in this process unless it already finished; returns its stage record."""
+              progress: Progress | None = None, records_in_background: bool = False) -> dict:  # fmt: skip
+    """Run one stage of (run, round) in this process unless it already finished; returns its stage record.
+
+    records_in_background: the stage's running and done records commit in the background (Store.stage_started): the
+    done record may still be committing when this returns, and the store's next write waits for it (the round's
+    flow, whose next stage has work to do before it writes). The last stage waits for its record either way."""
     if name not in STAGE_FUNCTIONS:
         raise ValueError(f"unknown stage {name!r}; choose from {list(STAGES)}")
     validate_run_id(run)
@@ -74,7 +78,7 @@ def run_stage(name: str, cfg: RunConfig, run: str, round_: int, *, force: bool =
     if missing:
         raise ValueError(f"stage {name!r} of run {run!r} round {round_} needs {missing} to finish first")
     ctx = RoundContext(cfg, run, round_, store, progress)
-    started = store.stage_started(run, round_, name, previous=status.get(name))
+    started = store.stage_started(run, round_, name, previous=status.get(name), background=records_in_background)
     start = time.perf_counter()
     try:
         ctx.started_from = fix_start(ctx)  # the round's first step, for real before generate; later stages reread it
@@ -85,9 +89,11 @@ def run_stage(name: str, cfg: RunConfig, run: str, round_: int, *, force: bool =
     if not isinstance(result, StageResult):
         result = StageResult(result)
     record = store.stage_done(run, round_, name, result.counts, time.perf_counter() - start,
-                              metrics=result.metrics, gate=result.gate, started=started)  # fmt: skip
+                              metrics=result.metrics, gate=result.gate, started=started,
+                              background=records_in_background)  # fmt: skip
     if name == STAGES[-1]:
-        optimize_store(store)  # the round is complete
+        store.settle()  # the round is complete
+        optimize_store(store)
     return {**record, "skipped": False}
 
 
@@ -110,10 +116,12 @@ def optimize_store(store: Store) -> list[str] | None:
     return created
 
 
-def run_stage_isolated(name: str, cfg: RunConfig, run: str, round_: int, *, progress: Progress | None = None) -> dict:
-    """`run_stage`, in a child process (`python -m ampo.stages.child`) when cfg.runtime.stage_isolation is "subprocess"."""
+def run_stage_isolated(name: str, cfg: RunConfig, run: str, round_: int, *, progress: Progress | None = None,
+                       records_in_background: bool = False) -> dict:  # fmt: skip
+    """`run_stage`, in a child process (`python -m ampo.stages.child`) when cfg.runtime.stage_isolation is "subprocess"
+    (whose records are written before it exits); records_in_background: as in run_stage, for a stage in this process."""
     if cfg.runtime.stage_isolation == "inprocess" or name not in ISOLATED_STAGES:
-        return run_stage(name, cfg, run, round_, progress=progress)
+        return run_stage(name, cfg, run, round_, progress=progress, records_in_background=records_in_background)
     store = open_store(cfg)
     if store.is_done(run, round_, name):
         return {**store.stage_status(run, round_)[name], "skipped": True}

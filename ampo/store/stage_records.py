@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+import pyarrow as pa
 from lancedb.table import Table
 
 from ampo.schema import RoundStage, stage_id, utcnow
@@ -30,16 +31,23 @@ def stage_started(table: Table, run: str, round: int, stage: str, *, previous: d
 
     previous: the stage's record as the caller read it (an entry of `stage_status`, None when it has none), which
     saves reading it again; by default it is read here."""
-    key = stage_id(run, round, stage)
     if previous is UNREAD:
-        found = scan(table, filters.id_is(key), ["attempts"])
+        found = scan(table, filters.id_is(stage_id(run, round, stage)), ["attempts"])
         previous = {"attempts": found["attempts"][0].as_py()} if found.num_rows else None
+    record, rows, insert = started_rows(run, round, stage, previous)
+    upsert(table, rows, insert=insert)
+    return record
+
+
+def started_rows(run: str, round: int, stage: str, previous: dict | None) -> tuple[dict, pa.Table, bool]:
+    """The running record of `stage_started` (given the stage's previous record, None when it has none), the rows
+    that write it, and whether they insert a new row."""
     exists = previous is not None
     attempts = previous["attempts"] + 1 if exists else 1
-    record = {"id": key, "run": run, "round": round, "stage": stage, "status": "running", "attempts": attempts,
-              "started_at": utcnow(), "finished_at": None, "seconds": None, "message": ""}  # fmt: skip
-    upsert(table, to_table([record], RoundStage, partial=exists), insert=not exists)
-    return record
+    record = {"id": stage_id(run, round, stage), "run": run, "round": round, "stage": stage, "status": "running",
+              "attempts": attempts, "started_at": utcnow(), "finished_at": None, "seconds": None,
+              "message": ""}  # fmt: skip
+    return record, to_table([record], RoundStage, partial=exists), not exists
 
 
 def stage_done(
@@ -61,17 +69,34 @@ def stage_done(
 
     started: the record `stage_started` wrote for this attempt; with it the row is known to exist and the record is
     returned without reading it back (one commit, no read)."""
-    record = {
+    fields = dict(counts=counts, seconds=seconds, store_version=store_version, metrics=metrics, gate=gate,
+                  message=message)  # fmt: skip
+    if started is not None:
+        record, rows = done_rows(run, round, stage, started=started, **fields)
+        upsert(table, rows, insert=False)
+        return record
+    record = _done_fields(run, round, stage, **fields)
+    exists = table.count_rows(filters.id_is(record["id"])) > 0
+    upsert(table, to_table([record], RoundStage, partial=exists), insert=not exists)
+    return stage_status(table, run, round)[stage]
+
+
+def done_rows(run: str, round: int, stage: str, *, started: dict, **fields) -> tuple[dict, pa.Table]:
+    """The completion record of `stage_done` over the running record `started` (the row exists), as `stage_status`
+    reads it, and the rows that write it (an update); fields: those of `stage_done`."""
+    record = _done_fields(run, round, stage, **fields)
+    whole = _decoded([{**{f: None for f in RoundStage.model_fields}, **started, **record}])[0]
+    return whole, to_table([record], RoundStage, partial=True)
+
+
+def _done_fields(run: str, round: int, stage: str, *, counts: dict, seconds: float, store_version: int | None,
+                 metrics: dict | None = None, gate: dict | None = None, message: str = "") -> dict:  # fmt: skip
+    return {
         "id": stage_id(run, round, stage), "run": run, "round": round, "stage": stage, "status": "done",
         "finished_at": utcnow(), "seconds": float(seconds), "store_version": store_version,
         "counts": _dumps(counts, "counts"), "metrics": _dumps(metrics or {}, "metrics"),
         "gate": None if gate is None else _dumps(gate, "gate"), "message": message,
     }  # fmt: skip
-    exists = started is not None or table.count_rows(filters.id_is(record["id"])) > 0
-    upsert(table, to_table([record], RoundStage, partial=exists), insert=not exists)
-    if started is None:
-        return stage_status(table, run, round)[stage]
-    return _decoded([{**{f: None for f in RoundStage.model_fields}, **started, **record}])[0]
 
 
 def stage_failed(table: Table, run: str, round: int, stage: str, message: str) -> dict:

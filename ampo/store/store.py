@@ -7,6 +7,7 @@ import functools
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import timedelta
 
 import lancedb
@@ -75,6 +76,11 @@ class Store:
         self.dim = dim
         self.latest = CandidatesView(self.candidates, dim)
         self._stage_status: dict[tuple[str, int], tuple[int, dict]] = {}  # (run, round) -> (rounds version, status)
+        self._pending: list[tuple] = []  # stage records committing in the background, in order (see stage_started)
+        self._pending_status: dict[tuple[str, int], dict] = {}  # (run, round) -> status with its pending records
+        self._pending_from = -1  # the rounds version the status copies had when the first pending record was given
+        self._failed_commit = False
+        self._writer: ThreadPoolExecutor | None = None
 
     def __repr__(self) -> str:
         return f"Store({self.uri!r}, dim={self.dim})"
@@ -102,6 +108,7 @@ class Store:
         Ids must be "{run}/{round}/{prompt_id}/{sample}" of the row's own columns and unique within `rows`.
         Upserting the same rows twice leaves one copy of each.
         """
+        self.settle()
         table = to_table(rows, self.model)
         if table.num_rows == 0:
             return self.version
@@ -114,6 +121,7 @@ class Store:
 
         Only the named columns change. Ids not in the table raise ValueError (after the known ones were written).
         """
+        self.settle()
         protected = sorted(set(columns) & set(KEY_COLUMNS))
         if protected or not columns:
             raise ValueError(
@@ -166,32 +174,45 @@ class Store:
         return self.update_candidates(update.pop("id"), **update)
 
     # -- stages (the `rounds` table) ---------------------------------------------------------------------------
+    #
+    # A stage record can commit in the background (background=True, as run_stage asks for when a flow runs the round):
+    # the call returns the record at once, and the commits run in order on one thread of this Store. Every other write
+    # of the Store, and every read of the rounds table but stage_status of that round, first waits for them (`settle`).
+    # So the order of durable writes is the synchronous one (a stage's data, its done record, the next stage's running
+    # record, its data), while the commits overlap with work that writes nothing (the next stage loading its models).
 
-    def stage_started(self, run: str, round: int, stage: str, *, previous=stage_records.UNREAD) -> dict:
-        """Mark the stage running (one commit); `previous`: its record as read by the caller (None: it has none)."""
+    def stage_started(self, run: str, round: int, stage: str, *, previous=stage_records.UNREAD,
+                      background: bool = False) -> dict:  # fmt: skip
+        """Mark the stage running (one commit); `previous`: its record as read by the caller (None: it has none).
+        background: commit in the background (see above) when `previous` is given and this round's status is known."""
+        if background and previous is not stage_records.UNREAD and self._status_known(run, round):
+            record, rows, insert = stage_records.started_rows(run, round, stage, previous)
+            self._commit_later(run, round, record, rows, insert)
+            return record
+        self.settle()
         known = self._known_status(run, round)
         record = stage_records.stage_started(self.rounds, run, round, stage, previous=previous)
         self._wrote(run, round, known, record)
         return record
 
-    def stage_done(self, run: str, round: int, stage: str, counts: dict, seconds: float, **extra) -> dict:
+    def stage_done(self, run: str, round: int, stage: str, counts: dict, seconds: float, *,
+                   background: bool = False, **extra) -> dict:  # fmt: skip
         """Completion record of a stage, written last with the candidates version; extra: metrics, gate, message, and
-        started (stage_started's record: no read besides the version)."""
+        started (stage_started's record: no read besides the version). background: commit in the background (see
+        above) when `started` is given and this round's status is known."""
+        fields = dict(counts=counts, seconds=seconds, store_version=self.version, **extra)  # the version: its data
+        if background and extra.get("started") is not None and self._status_known(run, round):
+            record, rows = stage_records.done_rows(run, round, stage, **fields)
+            self._commit_later(run, round, record, rows, False, whole=True)
+            return record
+        self.settle()
         known = self._known_status(run, round)
-        record = stage_records.stage_done(
-            self.rounds,
-            run,
-            round,
-            stage,
-            counts=counts,
-            seconds=seconds,
-            store_version=self.version,
-            **extra,
-        )
+        record = stage_records.stage_done(self.rounds, run, round, stage, **fields)
         self._wrote(run, round, known, record, whole=True)
         return record
 
     def stage_failed(self, run: str, round: int, stage: str, message: str) -> None:
+        self.settle()
         known = self._known_status(run, round)
         self._wrote(run, round, known, stage_records.stage_failed(self.rounds, run, round, stage, message))
 
@@ -200,23 +221,83 @@ class Store:
 
         The records as this process last read or wrote them, when the `rounds` table's version shows no commit since
         (one version check instead of a scan; any other writer's commit changes the version, and the table is read
-        again)."""
+        again). While records of this process commit in the background: with them (for their round), or as read
+        before them (another round), without waiting."""
+        key = (run, round)
+        if self._pending:
+            if key in self._pending_status:
+                return copy.deepcopy(self._pending_status[key])
+            known = self._stage_status.get(key)
+            if known is not None and known[0] == self._pending_from:  # the pending commits write other rounds
+                return copy.deepcopy(known[1])
+            self.settle()
         version = self.rounds.version
-        known = self._stage_status.get((run, round))
+        known = self._stage_status.get(key)
         if known is None or known[0] != version:
             known = version, stage_records.stage_status(self.rounds, run, round)  # read at `version` or later
-            self._stage_status[(run, round)] = known
+            self._stage_status[key] = known
         return copy.deepcopy(known[1])
+
+    def settle(self) -> None:
+        """Wait until the stage records committing in the background are written, in order. A record whose commit
+        failed (or was not tried after an earlier failure) is written again here; if that fails too, the error is
+        raised, and the records after it are not written."""
+        pending, self._pending = self._pending, []
+        self._pending_status.clear()
+        try:
+            for job, (run, round), record, rows, insert, whole in pending:
+                try:
+                    version = job.result()
+                except Exception as err:  # noqa: BLE001 - written again below; its second failure is raised
+                    log.info("stage record %s: the background commit failed (%s); writing it again", record["id"],
+                             err)  # fmt: skip
+                    version = upsert(self.rounds, rows, insert=insert).version
+                self._wrote(run, round, self._known_status(run, round), record, whole=whole, version=version)
+        except BaseException:
+            wait([job for job, *_ in pending])  # the later ones end at once: they are not tried after a failure
+            self._stage_status.clear()  # read again when asked
+            raise
+        finally:
+            self._failed_commit = False
+
+    def _status_known(self, run: str, round: int) -> bool:
+        """A record can commit later when its round's status is known (read or written by this process), so that the
+        status with it is known too; commits pending for another round are waited for first."""
+        if any(key != (run, round) for _, key, *_ in self._pending):
+            self.settle()
+        return (run, round) in self._pending_status or (run, round) in self._stage_status
+
+    def _commit_later(self, run: str, round: int, record: dict, rows: pa.Table, insert: bool, *, whole=False) -> None:
+        key = (run, round)
+        if not self._pending:
+            self._pending_from = self._stage_status[key][0]
+        status = self._pending_status[key] if key in self._pending_status else self._stage_status[key][1]
+        self._pending_status[key] = stage_records.with_written(status, record, whole=whole)
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ampo-stage-records")
+        self._pending.append((self._writer.submit(self._commit, rows, insert), key, record, rows, insert, whole))
+
+    def _commit(self, rows: pa.Table, insert: bool) -> int:
+        """On the writer thread: one record's commit, in the order submitted; none after a failure (settle retries)."""
+        if self._failed_commit:
+            raise RuntimeError("not tried: an earlier stage record's commit failed")
+        try:
+            return upsert(self.rounds, rows, insert=insert).version
+        except BaseException:
+            self._failed_commit = True
+            raise
 
     def _known_status(self, run: str, round: int) -> tuple[int, dict] | None:
         return self._stage_status.get((run, round))
 
-    def _wrote(self, run: str, round: int, known: tuple[int, dict] | None, written: dict, *, whole=False) -> None:
-        """After one commit of this process: when the table moved by exactly this commit since the copy of (run, round)
-        (no other writer in between), that copy takes the record written, and the copies of other rounds read at the
-        same version stay valid (the commit wrote one row of this round); else the copy is dropped (the others no
-        longer match the version, so they are read again when asked)."""
-        version = self.rounds.version
+    def _wrote(self, run: str, round: int, known: tuple[int, dict] | None, written: dict, *, whole=False,
+               version: int | None = None) -> None:  # fmt: skip
+        """After one commit of this process (`version`: the table's version it made; by default the current one): when
+        the table moved by exactly this commit since the copy of (run, round) (no other writer in between), that copy
+        takes the record written, and the copies of other rounds read at the same version stay valid (the commit
+        wrote one row of this round); else the copy is dropped (the others no longer match the version, so they are
+        read again when asked)."""
+        version = self.rounds.version if version is None else version
         if known is not None and version == known[0] + 1:
             for key, (seen, status) in list(self._stage_status.items()):
                 if seen == known[0]:
@@ -226,16 +307,19 @@ class Store:
             self._stage_status.pop((run, round), None)
 
     def is_done(self, run: str, round: int, stage: str) -> bool:
+        self.settle()
         return stage_records.is_done(self.rounds, run, round, stage)
 
     def stage_records(self, run: str | None = None) -> list[dict]:
         """Every stage record (JSON fields decoded) of one run, or of all runs, sorted by (run, round)."""
+        self.settle()
         return stage_records.stage_records(self.rounds, run)
 
     # -- tags: a round's data, pinned ----------------------------------------------------------------------------
 
     def tag_round(self, run: str, round: int) -> str:
         """Tag the candidates table's current version as the end of (run, round); returns the tag name."""
+        self.settle()
         tag, version = round_tag(run, round), self.version
         existing = self.candidates.tags.list()
         if tag not in existing:
@@ -259,6 +343,7 @@ class Store:
     # -- checkpoints --------------------------------------------------------------------------------------------
 
     def upsert_checkpoint(self, record: Mapping) -> int:
+        self.settle()
         return checkpoint_records.upsert_checkpoint(self.checkpoints, record)
 
     def get_checkpoint(self, checkpoint_id: str) -> dict | None:
@@ -271,6 +356,7 @@ class Store:
         return checkpoint_records.champion(self.checkpoints, run)
 
     def set_champion(self, run: str, checkpoint_id: str, *, expected=checkpoint_records.ANY) -> int:
+        self.settle()
         return checkpoint_records.set_champion(self.checkpoints, run, checkpoint_id, expected=expected)
 
     # -- maintenance ---------------------------------------------------------------------------------------------
@@ -282,6 +368,7 @@ class Store:
         `min_rows` rows (the end of a round passes INDEX_MIN_ROWS: a small store gains nothing worth a commit).
         Never prunes versions (tags keep old rounds readable).
         """
+        self.settle()
         rows = self.candidates.count_rows()
         if rows < min_rows:
             return None
