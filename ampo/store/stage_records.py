@@ -69,8 +69,8 @@ def stage_done(
 
     started: the record `stage_started` wrote for this attempt; with it the row is known to exist and the record is
     returned without reading it back (one commit, no read)."""
-    fields = dict(counts=counts, seconds=seconds, store_version=store_version, metrics=metrics, gate=gate,
-                  message=message)  # fmt: skip
+    fields = {"counts": counts, "seconds": seconds, "store_version": store_version, "metrics": metrics, "gate": gate,
+              "message": message}  # fmt: skip
     if started is not None:
         record, rows = done_rows(run, round, stage, started=started, **fields)
         upsert(table, rows, insert=False)
