@@ -124,6 +124,26 @@ def require_safetensors(model_path: str | Path) -> None:
         "it: AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder, safe_serialization=True)")
 
 
+WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json")  # besides these, a checkpoint's files define the model
+NOT_MODEL_FILES = (COMPLETE, "manifest.json")  # ampo's records of a finished build / checkpoint (ampo.checkpoints)
+
+
+def differs_only_in_weights(a: str | Path, b: str | Path) -> bool:
+    """Whether two model folders hold the same model but for its weights: the same files besides the safetensors
+    (config, generation config, tokenizer, chat template, ...), each byte for byte. A hub name (no folder) is never
+    the same: its files are not known here."""
+    a, b = Path(a), Path(b)
+    if not (a.is_dir() and b.is_dir()):
+        return False
+
+    def defining(folder: Path) -> dict[str, Path]:
+        weights = {p.name for pattern in WEIGHT_FILES for p in folder.glob(pattern)}
+        return {p.name: p for p in folder.iterdir() if p.is_file() and p.name not in weights | set(NOT_MODEL_FILES)}
+
+    files_a, files_b = defining(a), defining(b)
+    return files_a.keys() == files_b.keys() and all(files_a[n].read_bytes() == files_b[n].read_bytes() for n in files_a)
+
+
 def is_complete(path: str | Path) -> bool:
     """True if `path` is a model folder whose build finished (its manifest exists)."""
     return (Path(path) / COMPLETE).is_file()

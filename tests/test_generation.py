@@ -292,6 +292,59 @@ def test_vllm_top_p_from_candidates_samples_what_the_sort_samples(vllm_runs, mon
     ]
 
 
+def weights_changed(source: str, target) -> str:
+    """A copy of the model folder `source` with every weight scaled by 1.5: the same model but for its weights."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    weights = {k: v * 1.5 for k, v in load_file(f"{target}/model.safetensors").items()}
+    save_file(weights, f"{target}/model.safetensors", metadata={"format": "pt"})
+    return str(target)
+
+
+FRESH_ENGINE = """
+import json, sys
+from ampo.config import GenerationConfig, RuntimeConfig
+from ampo.generation import make_generator
+cfg = GenerationConfig(**json.loads(sys.argv[2]))
+with make_generator(sys.argv[1], cfg, RuntimeConfig(device="cpu")) as gen:
+    out = gen.generate(json.loads(sys.argv[3]), n=cfg.n, seeds=json.loads(sys.argv[4]))
+print(json.dumps([[[s.text, s.n_tokens, s.logp_mean] for s in row] for row in out]))
+"""
+
+
+def test_vllm_swapped_weights_sample_what_a_new_engine_samples(vllm_runs, tiny, tmp_path):
+    """swap_weights loads another checkpoint of the same model into the running engine: its samples are a new
+    engine's on that checkpoint (same texts, token counts, log-probs), and swapping back gives the first samples
+    again (the prefix cache of the old weights is dropped). A folder whose config differs, or a hub name, is refused
+    with nothing changed."""
+    import json
+
+    gen = vllm_runs[0]
+    prompts, seeds = [*PROMPTS, "Say it again: " + "the sea is wide and deep. " * 40], [*SEEDS, 44]  # full KV blocks
+    first = gen.generate(prompts, n=N, seeds=seeds)
+    other = weights_changed(tiny, tmp_path / "other")
+    assert gen.swap_weights(other)
+    try:
+        swapped = gen.generate(prompts, n=N, seeds=seeds)
+    finally:
+        assert gen.swap_weights(tiny)
+    assert texts(swapped) != texts(first)  # the new weights answer
+    assert gen.generate(prompts, n=N, seeds=seeds) == first  # the long prompt's cached blocks were the other's
+    args = [json.dumps(gen.cfg.model_dump(mode="json")), json.dumps(prompts), json.dumps(seeds)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", FRESH_ENGINE, other, *args], env=env, capture_output=True, text=True,
+                         check=True)  # fmt: skip
+    fresh = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [[[s.text, s.n_tokens, s.logp_mean] for s in row] for row in swapped] == fresh
+    config = json.loads((tmp_path / "other" / "config.json").read_text())
+    (tmp_path / "other" / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))
+    assert not gen.swap_weights(other) and not gen.swap_weights("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert gen.model_path == tiny and gen.generate(prompts, n=N, seeds=seeds) == first
+
+
 # ----------------------------------------------------------------------------- threads (ampo.threads)
 
 

@@ -48,6 +48,11 @@ class Generator(Protocol):
 
     def close(self) -> None: ...
 
+    def swap_weights(self, model_path: str) -> bool:
+        """Generate with the weights of `model_path` from now on, in place, when this generator can (the vLLM one,
+        for a checkpoint that differs from its model only in weights); False, changing nothing, otherwise."""
+        return False
+
     def __enter__(self):
         return self
 

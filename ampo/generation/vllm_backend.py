@@ -72,6 +72,24 @@ class VLLMGenerator(Generator):
         with engine_threads() if manage else contextlib.nullcontext():
             self.llm = LLM(model=model_path, **engine_args(cfg, runtime, self.device, max_model_len))
         self.tokenizer = self.llm.get_tokenizer()
+        self.model_path = model_path
+
+    def swap_weights(self, model_path: str) -> bool:
+        """Load the weights of `model_path` into this engine in place (vLLM's `reload_weights`), when that folder
+        holds the same model as the loaded one but for its weights (ampo.models.differs_only_in_weights: config,
+        tokenizer and generation config byte-equal, as a trained checkpoint and its parent are); then drop the prefix
+        cache, whose KV the old weights computed. The engine's start (seconds on CPU, more with CUDA graphs) is
+        saved; the samples are those of a new engine. Returns False, changing nothing, for any other model."""
+        from ampo.models import check_safetensors, differs_only_in_weights, require_safetensors
+
+        if self.llm is None or not differs_only_in_weights(self.model_path, model_path):
+            return False
+        require_safetensors(model_path)
+        check_safetensors(model_path)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_path)})
+        self.llm.reset_prefix_cache()
+        self.model_path = model_path
+        return True
 
     def generate(
         self, prompts: list[str], *, n: int, seeds: list[int], progress: Progress | None = None

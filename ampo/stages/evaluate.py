@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +35,9 @@ def evaluate(ctx: RoundContext) -> StageResult:
     if not prompts:
         raise ValueError(f"the evaluation sources {ctx.cfg.eval.sources} hold no prompts")
     stack = RewardStack(ctx.cfg.reward, ctx.cfg.runtime)
-    champion = _cached_outputs(ctx, ctx.start, prompts, stack)
-    outputs = _cached_outputs(ctx, candidate, prompts, stack)  # if promoted, next round's champion: cached
+    with _engines(ctx) as engine:
+        champion = _cached_outputs(ctx, ctx.start, prompts, stack, engine)
+        outputs = _cached_outputs(ctx, candidate, prompts, stack, engine)  # if promoted, next round's champion: cached
     write_json_atomic(ctx.dir / "eval-candidate.json", {k: v for k, v in outputs.items() if k != "cached"})
     evaluation = compare(_answers(outputs, prompts), _answers(champion, prompts), ctx.cfg.eval.gates)
     metrics = evaluation.model_dump()  # structured: promote reads it back with Evaluation.model_validate
@@ -94,21 +97,55 @@ def eval_cache_path(ctx: RoundContext, policy: dict, prompts: list | None = None
     return run_dir(ctx.cfg, ctx.run) / "eval-cache" / name
 
 
-def _cached_outputs(ctx: RoundContext, policy: dict, prompts: list, stack) -> dict:
+def _cached_outputs(ctx: RoundContext, policy: dict, prompts: list, stack, engine) -> dict:
     """A policy's evaluation outputs, computed once per (checkpoint, its weights, evaluation settings)."""
     path = eval_cache_path(ctx, policy, prompts)
     if path.is_file():
         return {**json.loads(path.read_text()), "cached": True}
-    outputs = _policy_outputs(ctx, policy, prompts, stack)
+    outputs = _policy_outputs(ctx, policy, prompts, stack, engine)
     write_json_atomic(path, outputs)
     return outputs
 
 
-def _policy_outputs(ctx: RoundContext, policy: dict, prompts: list, stack) -> dict:
+@contextmanager
+def _engines(ctx: RoundContext) -> Iterator[Callable[[dict], AbstractContextManager]]:
+    """engine(policy): a context giving the pool that generates with `policy`.
+
+    Locally, the policies of the stage share one generator: the next one's weights are swapped into it in place
+    when its checkpoint differs only in weights (Generator.swap_weights: the candidate and the champion it was
+    trained from), which saves the vLLM engine's start; otherwise the generator is closed and another one built.
+    With compute: ray, each policy gets its own pool of actors, as every stage's engine does."""
+    from ampo.generation import make_generator
+    from ampo.stages.compute import LocalPool, engine_pool
+
+    gen, runtime = _eval_generation(ctx), ctx.cfg.runtime
+    if runtime.compute != "local":
+        yield lambda policy: engine_pool(runtime, "generate", engine_policy(ctx.cfg, policy), gen, runtime)
+        return
+    held = []  # the generator, once built
+
+    @contextmanager
+    def engine(policy: dict) -> Iterator[LocalPool]:
+        path = engine_policy(ctx.cfg, policy)
+        if held and not held[0].swap_weights(path):
+            held.pop().close()
+        if not held:
+            held.append(make_generator(path, gen, runtime))
+        generator = held[0]
+        yield LocalPool(lambda payload: generator.generate(payload[0], n=payload[2], seeds=payload[1]))
+
+    try:
+        yield engine
+    finally:
+        if held:
+            held.pop().close()
+
+
+def _policy_outputs(ctx: RoundContext, policy: dict, prompts: list, stack, engine) -> dict:
     """One response per prompt from `policy`, its reward, length and per-instruction results."""
     from ampo.generation import derive_seed
     from ampo.rewards.verifiable import check_instructions
-    from ampo.stages.compute import engine_pool, shard_size, workers
+    from ampo.stages.compute import shard_size, workers
 
     seeds = [derive_seed("eval", 0, p.prompt_id) for p in prompts]
     gen, runtime = _eval_generation(ctx), ctx.cfg.runtime
@@ -116,7 +153,7 @@ def _policy_outputs(ctx: RoundContext, policy: dict, prompts: list, stack) -> di
     starts = range(0, len(prompts), size)
     shards = [([p.prompt for p in prompts[lo : lo + size]], seeds[lo : lo + size], 1) for lo in starts]
     samples = [None] * len(prompts)
-    with engine_pool(runtime, "generate", engine_policy(ctx.cfg, policy), gen, runtime) as pool:
+    with engine(policy) as pool:
         for i, pools in pool.map(shards):
             samples[starts[i] : starts[i] + len(pools)] = [pool_[0] for pool_ in pools]
     texts = [s.text for s in samples]
