@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -20,7 +21,7 @@ def to_table(rows: Rows, model: type[LanceModel], *, partial: bool = False) -> p
     partial=True: only the given columns (plus "id"); used for updates that must leave other columns alone.
     Raises ValueError on unknown columns, missing required columns, nulls in non-nullable columns and bad casts.
     """
-    schema = model.to_arrow_schema()
+    schema = arrow_schema(model)
     columns = _columns(rows, schema)
     unknown = sorted(set(columns) - set(schema.names))
     if unknown:
@@ -38,6 +39,12 @@ def to_table(rows: Rows, model: type[LanceModel], *, partial: bool = False) -> p
             arrays.append(_default(model, field, n))
         fields.append(field)
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+@functools.lru_cache(maxsize=64)
+def arrow_schema(model: type[LanceModel]) -> pa.Schema:
+    """`model.to_arrow_schema()`, built once per model class (0.6 ms a call: a stage record is two conversions)."""
+    return model.to_arrow_schema()
 
 
 def _columns(rows: Rows, schema: pa.Schema) -> dict[str, object]:
