@@ -187,6 +187,53 @@ def test_a_killed_generate_stage_resumes_without_duplicates(tmp_path):
     assert len(ids) == len(set(ids)) == 40 * cfg.generation.n
 
 
+DIES_WITH_A_PENDING_RECORD = """
+import os, sys, threading, time
+import ampo.store.store as store_module
+from ampo.config import load_config
+from ampo.stages import run_stage
+
+upsert = store_module.upsert
+
+def slow_done(table, rows, **kwargs):  # the score stage's done record is still committing when the process dies
+    writer = threading.current_thread().name.startswith("ampo-stage-records")
+    if writer and rows["status"][0].as_py() == "done" and rows["id"][0].as_py().endswith("/score"):
+        time.sleep(60)
+    return upsert(table, rows, **kwargs)
+
+store_module.upsert = slow_done
+cfg = load_config(sys.argv[1], {})
+for name in ("generate", "score"):
+    run_stage(name, cfg, "k", 0, records_in_background=True)
+os._exit(0)  # no atexit, no settle: a kill
+"""
+
+
+def test_a_process_killed_with_a_record_committing_resumes_to_the_same_round(tmp_path):
+    """records_in_background: a process that dies while a stage's done record commits leaves that stage `running`
+    with its data written; the resume repeats it and the round ends as one run without the kill (the same rows,
+    rewards, selection and training data), each stage record done."""
+    cfg = smoke_config(tmp_path / "killed")
+    config = tmp_path / "cfg.json"
+    config.write_text(cfg.model_dump_json())
+    subprocess.run([sys.executable, "-c", DIES_WITH_A_PENDING_RECORD, str(config)], cwd=REPO, check=True,
+                   env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)  # fmt: skip
+    store = open_store(cfg)
+    status = store.stage_status("k", 0)
+    assert (status["generate"]["status"], status["score"]["status"]) == ("done", "running")
+    assert store.read_rows("k", 0, ["reward"])["reward"].null_count == 0  # score's data was written
+    resumed = {name: run_stage(name, cfg, "k", 0, records_in_background=True) for name in STAGES}
+    assert resumed["generate"]["skipped"] and not resumed["score"]["skipped"]
+    assert resumed["score"]["attempts"] == 2 and resumed["score"]["counts"]["already_scored"] > 0
+    clean = smoke_config(tmp_path / "clean")
+    records = {name: run_stage(name, clean, "k", 0) for name in STAGES}
+    columns = ["id", "response", "reward", "vector", "selected", "role", "cluster"]
+    assert store.read_rows("k", 0, columns).sort_by("id") == open_store(clean).read_rows("k", 0, columns).sort_by("id")
+    assert resumed["train"]["metrics"] == records["train"]["metrics"]  # the same steps and losses
+    fresh = open_store(cfg).stage_records("k")  # another handle: what is durable
+    assert [r["status"] for r in fresh] == ["done"] * len(STAGES)
+
+
 def test_cli_export_audit_and_bad_input(finished_round, tmp_path, monkeypatch, capsys):
     cfg, _ = finished_round
     config = tmp_path / "cfg.json"
