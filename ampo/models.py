@@ -130,8 +130,9 @@ NOT_MODEL_FILES = (COMPLETE, "manifest.json")  # ampo's records of a finished bu
 
 def differs_only_in_weights(a: str | Path, b: str | Path) -> bool:
     """Whether two model folders hold the same model but for its weights: the same files besides the safetensors
-    (config, generation config, tokenizer, chat template, ...), each byte for byte. A hub name (no folder) is never
-    the same: its files are not known here."""
+    (config, generation config, tokenizer, chat template, ...), each byte for byte, and the same tensors (names,
+    dtypes, shapes) in their safetensors headers. A hub name (no folder) is never the same: its files are not known
+    here."""
     a, b = Path(a), Path(b)
     if not (a.is_dir() and b.is_dir()):
         return False
@@ -141,7 +142,19 @@ def differs_only_in_weights(a: str | Path, b: str | Path) -> bool:
         return {p.name: p for p in folder.iterdir() if p.is_file() and p.name not in weights | set(NOT_MODEL_FILES)}
 
     files_a, files_b = defining(a), defining(b)
-    return files_a.keys() == files_b.keys() and all(files_a[n].read_bytes() == files_b[n].read_bytes() for n in files_a)
+    if files_a.keys() != files_b.keys() or any(files_a[n].read_bytes() != files_b[n].read_bytes() for n in files_a):
+        return False
+    return _tensors(a) == _tensors(b) != {}
+
+
+def _tensors(folder: Path) -> dict[str, tuple]:
+    """Every tensor of the folder's safetensors files: name -> (dtype, shape), from the headers only."""
+    found = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        found.update({k: (v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"})
+    return found
 
 
 def is_complete(path: str | Path) -> bool:

@@ -445,7 +445,7 @@ def test_smoke_round_on_ray_and_s3_killed_resumed_and_one_writer_across_machines
     from ampo.prompts import eval_prompts
     from ampo.rewards import RewardStack
     from ampo.rewards.verifiable import unsupported_instructions
-    from ampo.stages.evaluate import _engines, _policy_outputs
+    from ampo.stages.evaluate import _engines, _samples, _scored
 
     monkeypatch.setattr(ampo.stages.data, "GENERATE_BATCH", 1)
     local = load_config(smoke, {"store.uri": str(tmp_path / "local" / "store"), "runtime.workdir":
@@ -459,10 +459,12 @@ def test_smoke_round_on_ray_and_s3_killed_resumed_and_one_writer_across_machines
     stack = RewardStack(local.reward, local.runtime)
     on_ray = {"s-init": json.loads(next((tmp_path / "b" / "runs" / "s" / "eval-cache").glob("s-init-*.json")).read_text()),
               "s-r0": json.loads((tmp_path / "b" / "runs" / "s" / "round-0" / "eval-candidate.json").read_text())}
+    policies = ({"id": "s-init", "path": resolve_policy(local.policy)}, {"id": "s-r0", "path": str(driver_copy)})
     with _engines(local_ctx) as engine:
-        for policy in ({"id": "s-init", "path": resolve_policy(local.policy)}, {"id": "s-r0", "path": str(driver_copy)}):
-            here = json.loads(json.dumps(_policy_outputs(local_ctx, policy, prompts, stack, engine)))  # tuples: lists
-            assert len(here["responses"]) == 4 and here == on_ray[policy["id"]], policy["id"]
+        drawn = [_samples(local_ctx, policy, prompts, engine) for policy in policies]
+    for policy, samples in zip(policies, drawn):
+        here = json.loads(json.dumps(_scored(policy, prompts, samples, stack)))  # tuples as JSON lists
+        assert len(here["responses"]) == 4 and here == on_ray[policy["id"]], policy["id"]
 
 
 def test_a_concurrency_limit_with_more_than_one_slot_is_refused(prefect_server):

@@ -95,6 +95,34 @@ def test_tiny_llama_stops_sometimes(tiny):
     )
 
 
+def test_differs_only_in_weights_needs_every_other_file_and_every_tensor_layout_equal(tiny, tmp_path):
+    """What lets vLLM swap a checkpoint's weights into a running engine (evaluate): new values only."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    def copy(name, change=None):
+        folder = tmp_path / name
+        shutil.copytree(tiny, folder)
+        weights = {k: v * 1.5 for k, v in load_file(folder / "model.safetensors").items()}
+        if change:
+            change(folder, weights)
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+        return folder
+
+    same = copy("same", lambda folder, w: (folder / "manifest.json").write_text("{}"))  # ampo's records do not count
+    config = json.loads((Path(tiny) / "config.json").read_text())
+    other_config = copy("config", lambda folder, w: (folder / "config.json").write_text(json.dumps({**config, "x": 1})))
+    first = sorted(load_file(Path(tiny) / "model.safetensors"))[0]
+    fewer = copy("fewer", lambda folder, w: w.pop(first))
+    half = copy("half", lambda folder, w: w.update({first: w[first].half()}))
+    extra = copy("extra", lambda folder, w: (folder / "notes.txt").write_text("a file the model folder has"))
+    assert models.differs_only_in_weights(tiny, same) and models.differs_only_in_weights(same, tiny)
+    assert not any(models.differs_only_in_weights(tiny, f) for f in (other_config, fewer, half, extra))
+    assert not models.differs_only_in_weights(tiny, "HuggingFaceTB/SmolLM2-135M-Instruct")  # a hub name
+
+
 def test_tiny_llama_rejects_small_heads(tmp_path):
     with pytest.raises(ValueError, match="head_dim >= 32"):
         build_tiny_llama(tmp_path / "x", hidden_size=64, heads=4)

@@ -357,8 +357,8 @@ def test_background_stage_records_commit_in_order_and_writes_wait_for_them(store
 
 def test_a_background_stage_record_that_fails_is_written_again_or_raised(store, monkeypatch):
     """A failed background commit is retried by settle (and the records after it, which the writer then skips, are
-    written in order); a second failure is raised, the records after it are not written, and the status copies are
-    read again."""
+    written in order); a second failure is raised, that record and the ones after it stay pending (stage_status
+    answers with them), and the next settle writes them; a background start after a failed commit settles first."""
     import ampo.store.store as store_module
     from ampo.store import stage_records
 
@@ -384,10 +384,19 @@ def test_a_background_stage_record_that_fails_is_written_again_or_raised(store, 
     store.stage_done("r", 0, "score", {}, 0.5, started=started, background=True)
     with pytest.raises(OSError, match="commit failed"):
         store.settle()
-    assert "score" not in stage_records.stage_status(store.rounds, "r", 0)
-    assert store.stage_status("r", 0) == stage_records.stage_status(store.rounds, "r", 0)  # read again
-    store.stage_started("r", 0, "score", previous=None)  # the Store writes on
-    assert store.stage_status("r", 0)["score"]["status"] == "running"
+    assert "score" not in stage_records.stage_status(store.rounds, "r", 0)  # neither record written
+    assert store.stage_status("r", 0)["score"]["status"] == "done"  # still pending, in order
+    store.settle()  # a later settle (a retried task) writes both
+    assert store.stage_status("r", 0) == stage_records.stage_status(store.rounds, "r", 0)
+    assert store.stage_status("r", 0)["score"]["status"] == "done"
+    failures[:] = ["running", "running"]  # embed's start fails in the writer; the next stage's start waits for it
+    started = store.stage_started("r", 0, "embed", previous=None, background=True)
+    store.stage_done("r", 0, "embed", {}, 0.5, started=started, background=True)
+    store._pending[0][0].exception()  # the writer has tried "running" (and failed): a failed commit is known
+    with pytest.raises(OSError, match="commit failed"):  # raised at the next stage's start, before its work
+        store.stage_started("r", 0, "select", previous=None, background=True)
+    store.settle()
+    assert stage_records.stage_status(store.rounds, "r", 0)["embed"]["status"] == "done"
 
 
 def test_tag_pins_a_round_and_checkout_reads_it(store):

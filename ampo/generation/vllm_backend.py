@@ -87,8 +87,10 @@ class VLLMGenerator(Generator):
         require_safetensors(model_path)
         check_safetensors(model_path)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_path)})
-        self.llm.reset_prefix_cache()
         self.model_path = model_path
+        if not self.llm.reset_prefix_cache():  # vLLM refuses while requests run; none do between generate calls
+            raise RuntimeError(f"vLLM kept its prefix cache after loading {model_path}: its cached KV blocks are the "
+                               "old weights'; close this generator and start a new one")  # fmt: skip
         return True
 
     def generate(

@@ -84,7 +84,11 @@ def run_stage(name: str, cfg: RunConfig, run: str, round_: int, *, force: bool =
         ctx.started_from = fix_start(ctx)  # the round's first step, for real before generate; later stages reread it
         result = STAGE_FUNCTIONS[name](ctx)
     except BaseException as exc:
-        store.stage_failed(run, round_, name, f"{type(exc).__name__}: {exc}")
+        try:
+            store.stage_failed(run, round_, name, f"{type(exc).__name__}: {exc}")
+        except Exception as record_error:  # noqa: BLE001 - the stage's own error is the one to raise (and retry by)
+            log.warning("stage %s of run %r round %d: its failure could not be recorded (%s: %s)", name, run, round_,
+                        type(record_error).__name__, record_error)  # fmt: skip
         raise
     if not isinstance(result, StageResult):
         result = StageResult(result)

@@ -35,9 +35,14 @@ def evaluate(ctx: RoundContext) -> StageResult:
     if not prompts:
         raise ValueError(f"the evaluation sources {ctx.cfg.eval.sources} hold no prompts")
     stack = RewardStack(ctx.cfg.reward, ctx.cfg.runtime)
-    with _engines(ctx) as engine:
-        champion = _cached_outputs(ctx, ctx.start, prompts, stack, engine)
-        outputs = _cached_outputs(ctx, candidate, prompts, stack, engine)  # if promoted, next round's champion: cached
+    policies = {"champion": ctx.start, "candidate": candidate}
+    found = {role: _cached_outputs(ctx, policy, prompts) for role, policy in policies.items()}
+    with _engines(ctx) as engine:  # both policies answer first; the engine is closed before a reward model scores
+        drawn = {role: _samples(ctx, policies[role], prompts, engine) for role in policies if found[role] is None}
+    for role, samples in drawn.items():  # each computed once per (checkpoint, its weights, evaluation settings)
+        found[role] = _scored(policies[role], prompts, samples, stack)
+        write_json_atomic(eval_cache_path(ctx, policies[role], prompts), found[role])  # a promoted candidate: cached
+    champion, outputs = found["champion"], found["candidate"]
     write_json_atomic(ctx.dir / "eval-candidate.json", {k: v for k, v in outputs.items() if k != "cached"})
     evaluation = compare(_answers(outputs, prompts), _answers(champion, prompts), ctx.cfg.eval.gates)
     metrics = evaluation.model_dump()  # structured: promote reads it back with Evaluation.model_validate
@@ -97,14 +102,10 @@ def eval_cache_path(ctx: RoundContext, policy: dict, prompts: list | None = None
     return run_dir(ctx.cfg, ctx.run) / "eval-cache" / name
 
 
-def _cached_outputs(ctx: RoundContext, policy: dict, prompts: list, stack, engine) -> dict:
-    """A policy's evaluation outputs, computed once per (checkpoint, its weights, evaluation settings)."""
+def _cached_outputs(ctx: RoundContext, policy: dict, prompts: list) -> dict | None:
+    """A policy's evaluation outputs as computed before under these settings and weights, or None."""
     path = eval_cache_path(ctx, policy, prompts)
-    if path.is_file():
-        return {**json.loads(path.read_text()), "cached": True}
-    outputs = _policy_outputs(ctx, policy, prompts, stack, engine)
-    write_json_atomic(path, outputs)
-    return outputs
+    return {**json.loads(path.read_text()), "cached": True} if path.is_file() else None
 
 
 @contextmanager
@@ -141,10 +142,9 @@ def _engines(ctx: RoundContext) -> Iterator[Callable[[dict], AbstractContextMana
             held.pop().close()
 
 
-def _policy_outputs(ctx: RoundContext, policy: dict, prompts: list, stack, engine) -> dict:
-    """One response per prompt from `policy`, its reward, length and per-instruction results."""
+def _samples(ctx: RoundContext, policy: dict, prompts: list, engine) -> list:
+    """One response (a Sample) per prompt from `policy`, drawn with the engine `engine(policy)` gives (_engines)."""
     from ampo.generation import derive_seed
-    from ampo.rewards.verifiable import check_instructions
     from ampo.stages.compute import shard_size, workers
 
     seeds = [derive_seed("eval", 0, p.prompt_id) for p in prompts]
@@ -156,6 +156,13 @@ def _policy_outputs(ctx: RoundContext, policy: dict, prompts: list, stack, engin
     with engine(policy) as pool:
         for i, pools in pool.map(shards):
             samples[starts[i] : starts[i] + len(pools)] = [pool_[0] for pool_ in pools]
+    return samples
+
+
+def _scored(policy: dict, prompts: list, samples: list, stack) -> dict:
+    """The evaluation outputs of `policy`'s samples: each response, its reward, length and per-instruction results."""
+    from ampo.rewards.verifiable import check_instructions
+
     texts = [s.text for s in samples]
     scored = stack.score(prompts, texts)
     if scored.dropped.any():

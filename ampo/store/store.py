@@ -185,6 +185,8 @@ class Store:
                       background: bool = False) -> dict:  # fmt: skip
         """Mark the stage running (one commit); `previous`: its record as read by the caller (None: it has none).
         background: commit in the background (see above) when `previous` is given and this round's status is known."""
+        if background and self._failed_before():
+            self.settle()  # an earlier stage's record is written again (or its error raised) before this stage works
         if background and previous is not stage_records.UNREAD and self._status_known(run, round):
             record, rows, insert = stage_records.started_rows(run, round, stage, previous)
             self._commit_later(run, round, record, rows, insert)
@@ -241,11 +243,11 @@ class Store:
     def settle(self) -> None:
         """Wait until the stage records committing in the background are written, in order. A record whose commit
         failed (or was not tried after an earlier failure) is written again here; if that fails too, the error is
-        raised, and the records after it are not written."""
-        pending, self._pending = self._pending, []
-        self._pending_status.clear()
+        raised, and that record and the ones after it stay pending, in order: the next settle tries them again (a
+        retried stage task), and stage_status of their round still answers with them."""
+        written = 0
         try:
-            for job, (run, round), record, rows, insert, whole in pending:
+            for job, (run, round), record, rows, insert, whole in self._pending:
                 try:
                     version = job.result()
                 except Exception as err:  # noqa: BLE001 - written again below; its second failure is raised
@@ -253,12 +255,20 @@ class Store:
                              err)  # fmt: skip
                     version = upsert(self.rounds, rows, insert=insert).version
                 self._wrote(run, round, self._known_status(run, round), record, whole=whole, version=version)
+                written += 1
         except BaseException:
-            wait([job for job, *_ in pending])  # the later ones end at once: they are not tried after a failure
+            wait([job for job, *_ in self._pending])  # the later ones end at once: they are not tried after a failure
+            del self._pending[:written]
             self._stage_status.clear()  # read again when asked
-            raise
-        finally:
             self._failed_commit = False
+            raise
+        self._pending.clear()
+        self._pending_status.clear()
+        self._failed_commit = False
+
+    def _failed_before(self) -> bool:
+        """Whether a background commit has already failed (its record waits for settle to write it again)."""
+        return any(job.done() and job.exception() is not None for job, *_ in self._pending)
 
     def _status_known(self, run: str, round: int) -> bool:
         """A record can commit later when its round's status is known (read or written by this process), so that the
