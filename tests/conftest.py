@@ -10,7 +10,7 @@ os.environ.setdefault("LANCE_LOG", "error")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from prefect.logging.configuration import ensure_logging_setup  # noqa: E402
+from prefect.logging.configuration import ensure_logging_setup
 
 # Prefect's console handler keeps the sys.stderr of the moment its logging is set up (the first `from prefect import
 # flow`). Set up here, that is the session's capture; set up inside a test using capsys, it was that test's stream,

@@ -114,7 +114,7 @@ def test_differs_only_in_weights_needs_every_other_file_and_every_tensor_layout_
     same = copy("same", lambda folder, w: (folder / "manifest.json").write_text("{}"))  # ampo's records do not count
     config = json.loads((Path(tiny) / "config.json").read_text())
     other_config = copy("config", lambda folder, w: (folder / "config.json").write_text(json.dumps({**config, "x": 1})))
-    first = sorted(load_file(Path(tiny) / "model.safetensors"))[0]
+    first = min(load_file(Path(tiny) / "model.safetensors"))
     fewer = copy("fewer", lambda folder, w: w.pop(first))
     half = copy("half", lambda folder, w: w.update({first: w[first].half()}))
     extra = copy("extra", lambda folder, w: (folder / "notes.txt").write_text("a file the model folder has"))
