@@ -89,21 +89,28 @@ def check_safetensors(folder: str | Path) -> None:
     if not folder.is_dir():
         return
     for file in sorted(folder.glob("*.safetensors")):
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
-            problem = f"{size} bytes, shorter than its header" if n < 0 or 8 + n > size else None
-            if problem is None:
-                try:
-                    header = json.loads(f.read(n))
-                    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-                except (ValueError, KeyError, TypeError, IndexError):
-                    problem = "its header is not valid safetensors JSON"
-                else:
-                    if 8 + n + end != size:
-                        problem = f"{size} bytes where its header describes {8 + n + end}"
-        if problem is not None:
-            raise ValueError(f"{file}: truncated or corrupt safetensors file ({problem})")
+        safetensors_header(file)
+
+
+def safetensors_header(file: Path) -> dict:
+    """The header of a safetensors file (tensor name -> dtype, shape, data_offsets; "__metadata__"), read without the
+    tensors; ValueError naming the file when its size is not what the header describes or the header is not valid."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+        problem = f"{size} bytes, shorter than its header" if n < 0 or 8 + n > size else None
+        if problem is None:
+            try:
+                header = json.loads(f.read(n))
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError):
+                problem = "its header is not valid safetensors JSON"
+            else:
+                if 8 + n + end != size:
+                    problem = f"{size} bytes where its header describes {8 + n + end}"
+    if problem is not None:
+        raise ValueError(f"{file}: truncated or corrupt safetensors file ({problem})")
+    return header
 
 
 PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # weight formats that unpickle when loaded
@@ -151,8 +158,7 @@ def _tensors(folder: Path) -> dict[str, tuple]:
     """Every tensor of the folder's safetensors files: name -> (dtype, shape), from the headers only."""
     found = {}
     for file in sorted(folder.glob("*.safetensors")):
-        with open(file, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        header = safetensors_header(file)  # a truncated file: the error that names it
         found.update({k: (v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"})
     return found
 

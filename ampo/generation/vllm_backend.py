@@ -80,12 +80,13 @@ class VLLMGenerator(Generator):
         tokenizer and generation config byte-equal, as a trained checkpoint and its parent are); then drop the prefix
         cache, whose KV the old weights computed. The engine's start (seconds on CPU, more with CUDA graphs) is
         saved; the samples are those of a new engine. Returns False, changing nothing, for any other model."""
-        from ampo.models import check_safetensors, differs_only_in_weights, require_safetensors
+        from ampo.models import differs_only_in_weights
 
+        # differs_only_in_weights reads every safetensors header of both folders (a truncated file: an error naming
+        # it) and needs the same non-empty set of tensors: the checks the engine's start makes (check_safetensors,
+        # require_safetensors) hold for `model_path` when it is True
         if self.llm is None or not differs_only_in_weights(self.model_path, model_path):
             return False
-        require_safetensors(model_path)
-        check_safetensors(model_path)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_path)})
         self.model_path = model_path
         if not self.llm.reset_prefix_cache():  # vLLM refuses while requests run; none do between generate calls
