@@ -18,7 +18,8 @@ process, each on a fresh store; the arms take turns, so that a change in the mac
                 before: the status scans above, the config walked by Prefect at every task call (no `quote`), result
                 persistence left to Prefect's settings (one more server read a flow run), the temporary-server
                 settings built with `temporary_settings` (a validation of all of Prefect's settings), each stage's
-                records committed before it goes on, and the report's artifacts created one after another
+                records committed before it goes on, and every artifact created by the report task at the round's
+                end, one after another (now the tables are published as their stages end, while the next run)
   flow          the flow as `ampo round` runs it now (timed from entering `local_flow_settings`)
   flow-plots    the flow with `plots=True` (the report's three plots drawn and published)
 For each: wall time, the seconds the stages recorded, and what is left (orchestration, store bookkeeping, the
@@ -70,6 +71,9 @@ def status_as_before():
 def flow_as_before():
     """The flow as it ran before: tasks given the config itself (Prefect walks it looking for futures at every call),
     persistence left to Prefect's settings, and the heartbeat-free settings built by `temporary_settings`."""
+    from prefect import task
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.cache_policies import NO_CACHE
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     import flows.self_play as fsp
@@ -86,25 +90,38 @@ def flow_as_before():
     def records_now(*args, records_in_background: bool = False, **kwargs):
         return run_isolated(*args, **kwargs)
 
-    def one_by_one(artifacts):
+    @task(name="report", cache_policy=NO_CACHE)
+    def report_at_the_end(config, run_id: str, round_: int, plots: bool = False) -> dict:
+        """Every artifact of the round created here, one after another."""
+        files = stages.write_round_report(config, run_id, round_, plots=plots)
+        key = st.artifact_key(run_id, round_)
+        artifacts = [(create_markdown_artifact, files["markdown_text"], f"{key}-summary", "round summary"),
+                     *st.selection_artifacts(key, {"table": files["selection_table"], "rows": files["selection_rows"]}),
+                     *st.evaluation_artifacts(key, files["evaluation"])]  # fmt: skip
         for create, data, key, description in artifacts:
             create(data, key=key, description=description)
+        return {k: v for k, v in files.items() if k in ("markdown", "plots")}
 
-    saved = dict(st.STAGE_TASKS), fsp.report, fsp.quote, fsp.local_flow_settings, fsp.self_play_round
-    run_isolated, publish = stages.run_stage_isolated, st.publish_concurrently
+    class NoStageTables(st.StageTables):
+        def stage_done(self, name, record):
+            pass
+
+    saved = dict(st.STAGE_TASKS), fsp.report, fsp.quote, fsp.local_flow_settings, fsp.self_play_round, fsp.StageTables
+    run_isolated = stages.run_stage_isolated
     st.STAGE_TASKS.update({k: t.with_options(persist_result=None) for k, t in saved[0].items()})
-    fsp.report = saved[1].with_options(persist_result=None)
+    fsp.report = report_at_the_end
     fsp.quote = lambda value: value
     fsp.local_flow_settings = local_flow_settings
     fsp.self_play_round = saved[4].with_options(persist_result=None)
-    stages.run_stage_isolated, st.publish_concurrently = records_now, one_by_one
+    fsp.StageTables = NoStageTables
+    stages.run_stage_isolated = records_now
     try:
         with status_as_before():
             yield
     finally:
         st.STAGE_TASKS.update(saved[0])
-        fsp.report, fsp.quote, fsp.local_flow_settings, fsp.self_play_round = saved[1:]
-        stages.run_stage_isolated, st.publish_concurrently = run_isolated, publish
+        fsp.report, fsp.quote, fsp.local_flow_settings, fsp.self_play_round, fsp.StageTables = saved[1:]
+        stages.run_stage_isolated = run_isolated
 
 
 def stage_seconds(cfg, run: str) -> dict[str, float]:

@@ -9,6 +9,8 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from functools import cache
+from pathlib import Path
 
 from prefect import flow
 from prefect.utilities.annotations import quote
@@ -16,7 +18,7 @@ from prefect.utilities.annotations import quote
 from ampo import stages
 from ampo.config import RunConfig, RunId, credential_env, validate_run_id
 from ampo.runlock import RunLockedError, run_lock
-from tasks.stage_tasks import STAGE_TASKS, ampo_info_logs, report
+from tasks.stage_tasks import STAGE_TASKS, StageTables, ampo_info_logs, report
 
 RUN_SLOT_LEASE_S = 120.0  # a killed holder's slot frees this long after its last renewal (renewed every 90 s)
 
@@ -40,9 +42,10 @@ def self_play_round(config: RunConfig, run_id: RunId, round: int | None = None, 
         round_ = stages.next_round(config, run_id) if round is None else round
         stages.check_round_order(config, run_id, round_)  # before any stage: round r needs round r-1 complete
         shared = quote(config)  # each task gets the config as is: Prefect does not walk it looking for futures
-        for name in stages.STAGES:
-            STAGE_TASKS[name](shared, run_id, round_)
-        files = report(shared, run_id, round_, plots)
+        with StageTables(config, run_id, round_) as tables:  # published while the next stages run; waited for here
+            for name in stages.STAGES:
+                tables.stage_done(name, STAGE_TASKS[name](shared, run_id, round_))
+            files = report(shared, run_id, round_, plots)
         stages.mark_reported(config, run_id, round_)  # last: until then the next run resumes this round
         return {"run": run_id, "round": round_, **stages.round_outcome(config, run_id, round_), "report": files}
 
@@ -59,12 +62,16 @@ def self_play(config: RunConfig, run_id: RunId, rounds: int = 1, wait_s: float =
 @contextmanager
 def local_flow_settings() -> Iterator[None]:
     """Settings for calling the flows in this process. With no PREFECT_API_URL they run on Prefect's temporary
-    server, which lives and dies with this process: its crash-detection heartbeats have no one to warn, and
-    joining the heartbeat thread (it sleeps in 1-s steps) adds up to a second to every flow run. Heartbeats
-    stay on whenever a real server is configured.
+    server, which lives and dies with this process, on plain HTTP over loopback:
+    - its crash-detection heartbeats have no one to warn, and joining the heartbeat thread (it sleeps in 1-s steps)
+      adds up to a second to every flow run: off;
+    - no certificate is ever checked, yet Prefect's client builds a verifying TLS context from its CA file for every
+      flow run (certifi's bundle of about 150 roots: 35-55 ms on this machine): unless a CA file is set, it gets one
+      holding a single certificate (loopback_ca_file), which takes about 1 ms.
+    Both stay as configured whenever a real server is configured.
 
-    The settings are copied with the one field changed (no re-validation: `temporary_settings` rebuilds and
-    validates the whole settings model, 0.1-0.25 s on a busy 2-core machine)."""
+    The settings are copied with those fields changed (no re-validation: `temporary_settings` rebuilds and validates
+    the whole settings model, 0.1-0.25 s on a busy 2-core machine)."""
     from prefect.context import SettingsContext
     from prefect.settings import PREFECT_API_URL
 
@@ -73,9 +80,32 @@ def local_flow_settings() -> Iterator[None]:
         return
     context = SettingsContext.get()
     settings = context.settings
-    quiet = settings.model_copy(update={"flows": settings.flows.model_copy(update={"heartbeat_frequency": None})})
-    with SettingsContext(profile=context.profile, settings=quiet):
+    update = {"flows": settings.flows.model_copy(update={"heartbeat_frequency": None})}
+    if not settings.api.ssl_cert_file:
+        update["api"] = settings.api.model_copy(update={"ssl_cert_file": loopback_ca_file()})
+    with SettingsContext(profile=context.profile, settings=settings.model_copy(update=update)):
         yield
+
+
+@cache
+def loopback_ca_file() -> str:
+    """A PEM file holding one certificate, the first of certifi's bundle, for Prefect's client while it talks to the
+    temporary server (local_flow_settings); created once per process (private to its user) and removed at exit."""
+    import atexit
+    import re
+    import tempfile
+
+    import certifi
+
+    first = re.search(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\n",
+                      Path(certifi.where()).read_text(encoding="ascii"), flags=re.DOTALL)  # fmt: skip
+    if first is None:
+        raise RuntimeError(f"no PEM certificate in certifi's bundle {certifi.where()}")
+    fd, path = tempfile.mkstemp(prefix="ampo-loopback-ca-", suffix=".pem")
+    with os.fdopen(fd, "w", encoding="ascii") as out:
+        out.write(first.group(0))
+    atexit.register(Path(path).unlink, missing_ok=True)
+    return path
 
 
 def concurrency_limit_name(run_id: str) -> str:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Self
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -59,30 +60,88 @@ generate, score, embed, select, reflogps, train, evaluate, promote = (STAGE_TASK
 
 @task(name="report", cache_policy=NO_CACHE, persist_result=False)
 def report(config: RunConfig, run_id: str, round_: int, plots: bool = False) -> dict:
-    """Write the round's report files and publish them as Prefect artifacts: the summary, the selection statistics,
-    the evaluation metrics, one row per selected prompt and (with `plots`) the plots inline; return the file paths."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+    """Write the round's report files and publish the summary (and with `plots` the plots inline) as Prefect artifacts;
+    return the file paths. The round's tables are published when their stages end (StageTables)."""
+    from prefect.artifacts import create_markdown_artifact
 
     files = stages.write_round_report(config, run_id, round_, plots=plots)
     key = artifact_key(run_id, round_)
-    artifacts = [(create_markdown_artifact, files["markdown_text"], f"{key}-summary", "round summary"),
-                 (create_table_artifact, files["selection_table"], f"{key}-selection", "selection statistics")]
-    if files["selection_rows"]:
-        artifacts.append((create_table_artifact, files["selection_rows"], f"{key}-groups",
-                          "selected group per prompt: chosen and rejected rewards, excerpts"))
-    if files["evaluation"]:
-        artifacts.append((create_table_artifact, metric_rows(files["evaluation"]), f"{key}-evaluation",
-                          "evaluation metrics: champion vs candidate"))
+    artifacts = [(create_markdown_artifact, files["markdown_text"], f"{key}-summary", "round summary")]
     if files["plots"]:
         artifacts.append((create_markdown_artifact, plots_markdown(files["plots"]), f"{key}-plots", "round plots"))
     publish_concurrently(artifacts)
     return {k: v for k, v in files.items() if k in ("markdown", "plots")}
 
 
+def selection_artifacts(key: str, selection: dict) -> list[tuple]:
+    """The selection statistics and (when a group was selected) the selected group per prompt, as table artifacts
+    (function, data, key, description) of the round whose artifact key is `key` (selection: stages.selection_report)."""
+    from prefect.artifacts import create_table_artifact
+
+    artifacts = [(create_table_artifact, selection["table"], f"{key}-selection", "selection statistics")]
+    if selection["rows"]:
+        artifacts.append((create_table_artifact, selection["rows"], f"{key}-groups",
+                          "selected group per prompt: chosen and rejected rewards, excerpts"))  # fmt: skip
+    return artifacts
+
+
+def evaluation_artifacts(key: str, metrics: dict) -> list[tuple]:
+    """The evaluation metrics (the evaluate stage's record) as a table artifact; none without metrics."""
+    from prefect.artifacts import create_table_artifact
+
+    if not metrics:
+        return []
+    return [(create_table_artifact, metric_rows(metrics), f"{key}-evaluation", "evaluation metrics: champion vs candidate")]
+
+
+class StageTables:
+    """The round's tables, published as Prefect artifacts when their stages end, on a thread, while the next stages
+    run: the selection statistics and groups after `select` (read through a Store of its own), the evaluation metrics
+    after `evaluate` (from its record). On the round's critical path they cost nothing but their submission; each job
+    runs in a copy of the flow run's context (its ids and API client), so the artifacts belong to the flow run.
+
+    Leaving the block waits for every job; on a clean exit the first job's error is raised (the round is not marked
+    reported, so the next run resumes it and publishes again), while an exception already leaving the block is kept
+    and the jobs' errors are logged."""
+
+    STAGES = ("select", "evaluate")
+
+    def __init__(self, config: RunConfig, run_id: str, round_: int):
+        self.config, self.run_id, self.round_ = config, run_id, round_
+        self.key = artifact_key(run_id, round_)
+        self._pool: ThreadPoolExecutor | None = None
+        self._jobs: list = []
+
+    def __enter__(self) -> Self:
+        self._pool = ThreadPoolExecutor(max_workers=len(self.STAGES), thread_name_prefix="ampo-artifacts")
+        return self
+
+    def stage_done(self, name: str, record: dict) -> None:
+        """After stage `name` returned `record` (run or skipped): publish its tables, if it has any."""
+        if name == "select":
+            self._submit(lambda: selection_artifacts(
+                self.key, stages.selection_report(stages.own_store(self.config), self.run_id, self.round_)))
+        elif name == "evaluate":
+            self._submit(lambda: evaluation_artifacts(self.key, record.get("metrics") or {}))
+
+    def _submit(self, build) -> None:
+        self._jobs.append(self._pool.submit(contextvars.copy_context().run, lambda: publish_concurrently(build())))
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._pool.shutdown(wait=True)
+        errors = [job.exception() for job in self._jobs if job.exception() is not None]
+        if errors and exc is None:
+            raise errors[0]
+        for error in errors:
+            logging.getLogger(__name__).warning("round artifact not published: %s: %s", type(error).__name__, error)
+
+
 def publish_concurrently(artifacts: list[tuple]) -> None:
-    """Create the artifacts (function, data, key, description) at the same time, each in this task run's context (one
+    """Create the artifacts (function, data, key, description) at the same time, each in this thread's context (one
     copy per thread: the run's ids and its API client); one request's latency instead of the sum. The first error
     is raised once all have ended."""
+    if not artifacts:
+        return
     with ThreadPoolExecutor(max_workers=len(artifacts)) as pool:
         jobs = [pool.submit(contextvars.copy_context().run, create, data, key=key, description=description)
                 for create, data, key, description in artifacts]  # fmt: skip

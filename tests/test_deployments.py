@@ -214,3 +214,25 @@ def test_local_flow_settings_drop_heartbeats_only_without_a_server():
     server = {PREFECT_API_URL: "http://127.0.0.1:4200/api", PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 180}
     with temporary_settings(updates=server), flows.self_play.local_flow_settings():
         assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == 180  # a real server detects crashed runs by them
+
+
+def test_local_flow_settings_give_the_temporary_servers_client_a_one_certificate_ca_file():
+    """The temporary server speaks plain HTTP on loopback; Prefect's client still parses its CA file at every flow run.
+    Without a server (and no CA file of the user's) it gets a file of one certificate; otherwise nothing changes."""
+    import ssl
+
+    from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: None, PREFECT_API_SSL_CERT_FILE: None}):
+        with flows.self_play.local_flow_settings():
+            path = PREFECT_API_SSL_CERT_FILE.value()
+            assert path == flows.self_play.loopback_ca_file() and Path(path).read_text().count("BEGIN CERT") == 1
+            assert ssl.create_default_context(cafile=path).cert_store_stats()["x509_ca"] == 1  # what the client builds
+            assert Path(path).stat().st_mode & 0o077 == 0  # its user's only
+        assert PREFECT_API_SSL_CERT_FILE.value() is None
+    own = {PREFECT_API_URL: None, PREFECT_API_SSL_CERT_FILE: "/etc/my-ca.pem"}
+    with temporary_settings(updates=own), flows.self_play.local_flow_settings():
+        assert PREFECT_API_SSL_CERT_FILE.value() == "/etc/my-ca.pem"  # the user's own file is kept
+    server = {PREFECT_API_URL: "https://prefect.example.com/api", PREFECT_API_SSL_CERT_FILE: None}
+    with temporary_settings(updates=server), flows.self_play.local_flow_settings():
+        assert PREFECT_API_SSL_CERT_FILE.value() is None  # a real server: certifi's bundle, as Prefect chooses

@@ -13,6 +13,7 @@ from ampo import stages
 from ampo.config import load_config
 from ampo.runlock import RunLockedError, run_lock
 from ampo.stages.context import open_store
+from tasks.stage_tasks import metric_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,6 +24,16 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+def artifacts(prefix: str) -> dict:
+    """The latest artifact of each key starting with `prefix`, by key."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_=f"{prefix}%")))
+    return {a.key: a for a in sorted(found, key=lambda a: a.created)}
 
 
 def test_two_rounds_then_crash_and_resume(tmp_path, prefect_harness, monkeypatch):
@@ -45,6 +56,18 @@ def test_two_rounds_then_crash_and_resume(tmp_path, prefect_harness, monkeypatch
         report = Path(results[round_]["report"]["markdown"])
         assert report.is_file() and "## Gate decision" in report.read_text()
     assert {"e2e-r0", "e2e-r1"} <= set(store.candidates.tags.list())
+    # each round's artifacts: the summary from the report task, the tables as their stages ended; their content is
+    # the store's (the selection read back, the evaluate record's metrics)
+    for round_ in (0, 1):
+        tables = artifacts(f"e2e-r{round_}-")
+        assert sorted(tables) == [f"e2e-r{round_}-{name}" for name in ("evaluation", "groups", "selection", "summary")]
+        selection = stages.selection_report(store, "e2e", round_)
+        assert json.loads(tables[f"e2e-r{round_}-selection"].data) == json.loads(json.dumps(selection["table"]))
+        groups = json.loads(tables[f"e2e-r{round_}-groups"].data)
+        assert len(groups) == cfg.prompts.per_round and groups == json.loads(json.dumps(selection["rows"]))
+        metrics = store.stage_status("e2e", round_)["evaluate"]["metrics"]
+        assert json.loads(tables[f"e2e-r{round_}-evaluation"].data) == json.loads(json.dumps(metric_rows(metrics)))
+        assert tables[f"e2e-r{round_}-summary"].data == Path(results[round_]["report"]["markdown"]).read_text()
     # round 1 sampled with the champion after round 0
     policy_r1 = set(store.read_rows("e2e", 1, ["policy"])["policy"].to_pylist())
     assert policy_r1 == {results[0]["champion"]}
@@ -65,6 +88,7 @@ def test_two_rounds_then_crash_and_resume(tmp_path, prefect_harness, monkeypatch
     with pytest.raises(RuntimeError, match="simulated crash"):
         self_play_round(cfg, "e2e")
     assert store.stage_status("e2e", 2)["train"]["status"] == "failed"
+    assert sorted(artifacts("e2e-r2-")) == ["e2e-r2-groups", "e2e-r2-selection"]  # published before the crash
     assert stages.next_round(cfg, "e2e") == 2
     monkeypatch.setitem(stages.STAGE_FUNCTIONS, "train", real_train)
     result = self_play_round(cfg, "e2e")

@@ -133,3 +133,63 @@ def test_metric_rows_flatten_nested_metrics():
     assert metric_rows(metrics) == [{"metric": "n_prompts", "value": 6}, {"metric": "win_rate.value", "value": 0.5},
                                     {"metric": "win_rate.lower", "value": 0.25},
                                     {"metric": "bounds", "value": "0.1, 0.2"}]
+
+
+def _stage_tables(monkeypatch, fail: str | None = None):
+    """StageTables whose publication, instead of calling Prefect, records the artifact keys, a context variable's value
+    as the job saw it, and whether the caller went on before the job ended; the selection comes from a stub store.
+    `fail`: the artifact key suffix whose publication raises."""
+    import contextvars
+    import threading
+
+    import tasks.stage_tasks as st
+    from ampo import stages
+
+    seen, where = [], contextvars.ContextVar("where", default="unset")
+    started = threading.Event()
+
+    def publish(artifacts):
+        off_path = started.wait(5)  # False if stage_done waited for the publication (the round's path)
+        keys = [key for _, _, key, _ in artifacts]
+        seen.append((keys, where.get(), off_path))
+        if fail and any(key.endswith(fail) for key in keys):
+            raise OSError(f"server refused {fail}")
+
+    monkeypatch.setattr(st, "publish_concurrently", publish)
+    monkeypatch.setattr(stages, "own_store", lambda cfg: "own store")
+    monkeypatch.setattr(stages, "selection_report", lambda store, run, round_: {
+        "table": [{"statistic": "selection/prompts", "value": 2, "store": store}], "rows": []})
+    return st.StageTables("cfg", "Run_1", 3), seen, where, started
+
+
+def test_stage_tables_publish_after_select_and_evaluate_in_the_flow_context(monkeypatch):
+    tables, seen, where, started = _stage_tables(monkeypatch)
+    where.set("flow run")
+    with tables:
+        for name in ("generate", "score", "embed", "select", "reflogps", "train", "evaluate", "promote"):
+            metrics = {"win_rate": {"value": 0.5}} if name == "evaluate" else {}
+            tables.stage_done(name, {"status": "done", "metrics": metrics})
+            started.set()
+    # after select: the statistics only (no selected group, so no groups table); after evaluate: the metrics
+    assert sorted(seen) == [(["run-1-r3-evaluation"], "flow run", True), (["run-1-r3-selection"], "flow run", True)]
+
+
+def test_stage_tables_without_metrics_publish_no_evaluation(monkeypatch):
+    tables, seen, _, started = _stage_tables(monkeypatch)
+    started.set()
+    with tables:
+        tables.stage_done("evaluate", {"status": "done", "skipped": True})
+    assert seen == [([], "unset", True)]
+
+
+def test_a_failed_publication_fails_the_round_only_when_the_round_itself_did_not(monkeypatch, caplog):
+    tables, _, _, started = _stage_tables(monkeypatch, fail="selection")
+    started.set()
+    with pytest.raises(OSError, match="server refused selection"), tables:  # raised when leaving the block
+        tables.stage_done("select", {})
+    tables, _, _, started = _stage_tables(monkeypatch, fail="selection")
+    started.set()
+    with pytest.raises(RuntimeError, match="train crashed"), tables:  # the round's own error wins; theirs is logged
+        tables.stage_done("select", {})
+        raise RuntimeError("train crashed")
+    assert "round artifact not published: OSError: server refused selection" in caplog.text

@@ -26,6 +26,7 @@ from ampo.stages.context import (
     StageResult,
     fix_start,
     open_store,
+    own_store,
     round_dir,
     run_dir,
     write_json_atomic,
@@ -34,7 +35,7 @@ from ampo.stages.data import embed, generate, score, select
 from ampo.stages.evaluate import evaluate
 from ampo.stages.learn import reflogps, train
 from ampo.stages.promote import promote
-from ampo.stages.report import is_reported, mark_reported, round_outcome, write_round_report
+from ampo.stages.report import is_reported, mark_reported, round_outcome, selection_report, write_round_report
 from ampo.store import INDEX_MIN_ROWS, Store
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,8 @@ assert tuple(STAGE_FUNCTIONS) == STAGES, "the stage table and the schema's stage
 ISOLATED_STAGES = frozenset({"generate", "score", "embed", "reflogps", "train", "evaluate"})  # load models
 
 __all__ = ["STAGES", "STAGE_FUNCTIONS", "StageProcessError", "StageResult", "check_round_order", "is_transient",
-           "mark_reported", "next_round", "round_dir", "round_outcome", "run_stage", "run_stage_isolated",
-           "write_round_report"]  # fmt: skip
+           "mark_reported", "next_round", "own_store", "round_dir", "round_outcome", "run_stage", "run_stage_isolated",
+           "selection_report", "write_round_report"]  # fmt: skip
 
 
 def run_stage(name: str, cfg: RunConfig, run: str, round_: int, *, force: bool = False,

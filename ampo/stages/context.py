@@ -36,6 +36,13 @@ def open_store(cfg: RunConfig, *, must_exist: bool = False) -> Store:
     return _store(uri, cfg.embedding.dim, options)
 
 
+def own_store(cfg: RunConfig) -> Store:
+    """A Store object of its own for the config's store (not the one `open_store` shares in the process): for reads on
+    another thread while the round's stages write through the shared one. Opening it costs about 10 ms."""
+    return Store(cfg.store.uri, cfg.embedding.dim, storage_options=storage_option_strings(cfg.store.storage_options)
+                 or None)  # fmt: skip
+
+
 @lru_cache(maxsize=8)
 def _store(uri: str, dim: int, storage_options: tuple[tuple[str, str], ...] = ()) -> Store:
     return Store(uri, dim, storage_options=dict(storage_options) or None)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 
 from ampo import report
 from ampo.config import RunConfig
 from ampo.gates import history_row
 from ampo.stages.context import open_store, round_dir, write_json_atomic
+from ampo.store import Store
 from ampo.store.pools import prompt_offsets
 
 MAP_PROMPTS = 4  # prompts drawn in the 2-D embedding map
@@ -33,25 +35,17 @@ def write_round_report(cfg: RunConfig, run: str, round_: int, *, plots: bool = T
     out = round_dir(cfg, run, round_) / "report"
     out.mkdir(parents=True, exist_ok=True)
     stages = store.stage_status(run, round_)
-    columns = ["prompt_id", "prompt", "response", "reward", "role"] + (["vector"] if plots else [])  # map only
-    rows = store.read_rows(run, round_, columns)
-    scored = rows.filter(rows["reward"].is_valid())
-    prompt_ids = np.asarray(scored["prompt_id"].to_pylist(), dtype=object)
-    rewards = scored["reward"].to_numpy(zero_copy_only=False).astype(float)
-    roles = np.asarray(scored["role"].to_pylist(), dtype=object)
-    offsets = prompt_offsets(prompt_ids)  # (P+1,)
-    stats = report.selection_stats(offsets, rewards, roles)
+    scored = _scored_rows(store, run, round_, vectors=plots)  # the vectors for the embedding map only
+    selection = _selection(scored)
     decision = (stages.get("promote") or {}).get("gate")
-    markdown = report.markdown_summary(run, round_, stages, stats, decision)
+    markdown = report.markdown_summary(run, round_, stages, selection["stats"], decision)
     (out / "summary.md").write_text(markdown)
-    table = [{"statistic": k, "value": v} for k, v in stats.items()]
-    per_prompt = report.selection_rows(offsets, prompt_ids, np.asarray(scored["prompt"].to_pylist(), dtype=object),
-                                       np.asarray(scored["response"].to_pylist(), dtype=object), rewards, roles)
-    result = {"markdown": str(out / "summary.md"), "markdown_text": markdown, "selection_table": table,
-              "selection_rows": per_prompt, "evaluation": (stages.get("evaluate") or {}).get("metrics") or {},
-              "plots": []}
+    result = {"markdown": str(out / "summary.md"), "markdown_text": markdown,
+              "selection_table": selection["table"], "selection_rows": selection["rows"],
+              "evaluation": (stages.get("evaluate") or {}).get("metrics") or {}, "plots": []}  # fmt: skip
     if not plots:
         return result
+    prompt_ids, rewards, roles = selection["prompt_ids"], selection["rewards"], selection["roles"]
     plots = [report.plot_reward_distribution(rewards, rewards[roles != ""], out / "rewards.png")]
     if len(scored) and scored["vector"].null_count == 0:
         first = np.isin(prompt_ids, np.unique(prompt_ids)[:MAP_PROMPTS])
@@ -62,6 +56,31 @@ def write_round_report(cfg: RunConfig, run: str, round_: int, *, plots: bool = T
     if history:
         plots.append(report.plot_rounds(history, out / "rounds.png"))
     return {**result, "plots": [str(p) for p in plots]}
+
+
+def selection_report(store: Store, run: str, round_: int) -> dict:
+    """The round's selection as its report shows it, read from `store`: "table", the selection statistics as
+    {"statistic", "value"} rows, and "rows", one row per selected prompt (report.selection_rows)."""
+    selection = _selection(_scored_rows(store, run, round_, vectors=False))
+    return {"table": selection["table"], "rows": selection["rows"]}
+
+
+def _scored_rows(store: Store, run: str, round_: int, *, vectors: bool) -> pa.Table:
+    columns = ["prompt_id", "prompt", "response", "reward", "role"] + (["vector"] if vectors else [])
+    rows = store.read_rows(run, round_, columns)
+    return rows.filter(rows["reward"].is_valid())
+
+
+def _selection(scored: pa.Table) -> dict:
+    prompt_ids = np.asarray(scored["prompt_id"].to_pylist(), dtype=object)
+    rewards = scored["reward"].to_numpy(zero_copy_only=False).astype(float)
+    roles = np.asarray(scored["role"].to_pylist(), dtype=object)
+    offsets = prompt_offsets(prompt_ids)  # (P+1,)
+    stats = report.selection_stats(offsets, rewards, roles)
+    per_prompt = report.selection_rows(offsets, prompt_ids, np.asarray(scored["prompt"].to_pylist(), dtype=object),
+                                       np.asarray(scored["response"].to_pylist(), dtype=object), rewards, roles)
+    return {"stats": stats, "table": [{"statistic": k, "value": v} for k, v in stats.items()], "rows": per_prompt,
+            "prompt_ids": prompt_ids, "rewards": rewards, "roles": roles}
 
 
 def rounds_history(cfg: RunConfig, run: str) -> list[dict]:
