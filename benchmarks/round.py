@@ -266,7 +266,8 @@ def main() -> None:
                   f"{walls[now][1] / walls[was][1]:.2f}x")
     if "plain" in walls and "flow" in walls:  # seconds outside the stages: steadier than wall times on a shared machine
         cost = walls["flow"][1] - walls["plain"][1]
-        print(f"Prefect's own cost (flow minus plain, outside the stages): {cost:.2f} s")
+        print(f"Prefect's own cost (flow minus plain, outside the stages): {cost:.2f} s; in wall time "
+              f"{walls['flow'][0] - walls['plain'][0]:.2f} s (its server, a process of its own, also slows the stages)")
     print(f"load_avg_1m={os.getloadavg()[0]:.1f}")
     if not any(label.startswith("flow") for label in walls):
         return

@@ -66,8 +66,8 @@ def local_flow_settings() -> Iterator[None]:
     - its crash-detection heartbeats have no one to warn, and joining the heartbeat thread (it sleeps in 1-s steps)
       adds up to a second to every flow run: off;
     - no certificate is ever checked, yet Prefect's client builds a verifying TLS context from its CA file for every
-      flow run (certifi's bundle of about 150 roots: 35-55 ms on this machine): unless a CA file is set, it gets one
-      holding a single certificate (loopback_ca_file), which takes about 1 ms.
+      flow run (certifi's bundle or the system's, SSL_CERT_FILE: 140-150 roots, 30-55 ms on this machine): it gets a
+      file of one certificate instead (loopback_ca_file), which takes about 1 ms.
     Both stay as configured whenever a real server is configured.
 
     The settings are copied with those fields changed (no re-validation: `temporary_settings` rebuilds and validates
@@ -80,9 +80,8 @@ def local_flow_settings() -> Iterator[None]:
         return
     context = SettingsContext.get()
     settings = context.settings
-    update = {"flows": settings.flows.model_copy(update={"heartbeat_frequency": None})}
-    if not settings.api.ssl_cert_file:
-        update["api"] = settings.api.model_copy(update={"ssl_cert_file": loopback_ca_file()})
+    update = {"flows": settings.flows.model_copy(update={"heartbeat_frequency": None}),
+              "api": settings.api.model_copy(update={"ssl_cert_file": loopback_ca_file()})}  # fmt: skip
     with SettingsContext(profile=context.profile, settings=settings.model_copy(update=update)):
         yield
 

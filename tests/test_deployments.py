@@ -218,7 +218,8 @@ def test_local_flow_settings_drop_heartbeats_only_without_a_server():
 
 def test_local_flow_settings_give_the_temporary_servers_client_a_one_certificate_ca_file():
     """The temporary server speaks plain HTTP on loopback; Prefect's client still parses its CA file at every flow run.
-    Without a server (and no CA file of the user's) it gets a file of one certificate; otherwise nothing changes."""
+    Without a server it gets a file of one certificate (whatever CA file it had: the temporary server uses none); with
+    a server nothing changes."""
     import ssl
 
     from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_URL, temporary_settings
@@ -230,9 +231,11 @@ def test_local_flow_settings_give_the_temporary_servers_client_a_one_certificate
             assert ssl.create_default_context(cafile=path).cert_store_stats()["x509_ca"] == 1  # what the client builds
             assert Path(path).stat().st_mode & 0o077 == 0  # its user's only
         assert PREFECT_API_SSL_CERT_FILE.value() is None
-    own = {PREFECT_API_URL: None, PREFECT_API_SSL_CERT_FILE: "/etc/my-ca.pem"}
+    own = {PREFECT_API_URL: None, PREFECT_API_SSL_CERT_FILE: "/etc/my-ca.pem"}  # e.g. from SSL_CERT_FILE
     with temporary_settings(updates=own), flows.self_play.local_flow_settings():
-        assert PREFECT_API_SSL_CERT_FILE.value() == "/etc/my-ca.pem"  # the user's own file is kept
-    server = {PREFECT_API_URL: "https://prefect.example.com/api", PREFECT_API_SSL_CERT_FILE: None}
+        assert PREFECT_API_SSL_CERT_FILE.value() == path
+    server = {PREFECT_API_URL: "https://prefect.example.com/api", PREFECT_API_SSL_CERT_FILE: "/etc/my-ca.pem"}
     with temporary_settings(updates=server), flows.self_play.local_flow_settings():
-        assert PREFECT_API_SSL_CERT_FILE.value() is None  # a real server: certifi's bundle, as Prefect chooses
+        assert PREFECT_API_SSL_CERT_FILE.value() == "/etc/my-ca.pem"  # a real server: the user's CA file
+    with temporary_settings(updates={**server, PREFECT_API_SSL_CERT_FILE: None}), flows.self_play.local_flow_settings():
+        assert PREFECT_API_SSL_CERT_FILE.value() is None  # or certifi's bundle, as Prefect chooses
