@@ -18,14 +18,17 @@ process, each on a fresh store; the arms take turns, so that a change in the mac
                 before: the status scans above, the config walked by Prefect at every task call (no `quote`), result
                 persistence left to Prefect's settings (one more server read a flow run), the temporary-server
                 settings built with `temporary_settings` (a validation of all of Prefect's settings), each stage's
-                records committed before it goes on, and every artifact created by the report task at the round's
-                end, one after another (now the tables are published as their stages end, while the next run)
+                records committed before it goes on, every artifact created by the report task at the round's end,
+                one after another (now the tables are published as their stages end, while the next ones run), and
+                the client's TLS context built from the whole CA bundle at every flow run (now from one certificate)
   flow          the flow as `ampo round` runs it now (timed from entering `local_flow_settings`)
   flow-plots    the flow with `plots=True` (the report's three plots drawn and published)
 For each: wall time, the seconds the stages recorded, and what is left (orchestration, store bookkeeping, the
 report); with --repeats, the median of each. Prefect's own cost is the difference of the flow's and the plain arm's
-seconds outside the stages. That cost is then split by two empty flows timed in the same process: one with no task
-(Prefect's fixed cost per flow run) and one with as many no-op tasks as the round has (its cost per task).
+seconds outside the stages, and, in wall time, the difference of their wall times (Prefect's server is a process of
+its own, whose work also slows the stages). That cost is then split by synthetic flows timed in the same process: one
+with no task (Prefect's fixed cost per flow run), one with as many no-op tasks as the round has (its cost per task),
+and ones with as many keyed table artifacts or log lines, each with the CPU time the server's process spent on it.
 """
 
 from __future__ import annotations
@@ -174,37 +177,67 @@ def settle() -> None:
     time.sleep(SETTLE_S)
 
 
-def prefect_fixed_costs(tasks: int, repeats: int = 3) -> tuple[float, float]:
-    """Seconds of an empty flow run, and of one more no-op task in a flow: each the minimum of `repeats`."""
-    from prefect import flow, task
+def prefect_fixed_costs(tasks: int, repeats: int = 3) -> dict[str, tuple[float, float]]:
+    """Prefect's costs on the temporary server, each as (wall seconds in the flow's process, CPU seconds of the server's
+    process), the minimum of `repeats`: an empty flow run, and one more no-op task run, keyed table artifact and log
+    line in a flow (`tasks` of each). The server's CPU is read from its process's counters over the flow and the 2 s
+    after it (its event services finish the run's writes then), less what it spent idle over 2 s just before."""
+    import psutil
+    from prefect import flow, get_run_logger, task
+    from prefect.artifacts import create_table_artifact
     from prefect.cache_policies import NO_CACHE
-
-    @task(cache_policy=NO_CACHE)
-    def nothing(i: int) -> int:
-        return i
-
-    @flow
-    def empty() -> int:
-        return 0
-
-    @flow
-    def with_tasks() -> int:
-        return sum(nothing(i) for i in range(tasks))
-
-    def best(fn) -> float:
-        times = []
-        for _ in range(repeats):
-            settle()
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
 
     from flows.self_play import local_flow_settings
 
+    @task(cache_policy=NO_CACHE, persist_result=False)
+    def nothing(i: int) -> int:
+        return i
+
+    @flow(persist_result=False)
+    def empty() -> int:
+        return 0
+
+    @flow(persist_result=False)
+    def with_tasks() -> int:
+        return sum(nothing(i) for i in range(tasks))
+
+    @flow(persist_result=False)
+    def with_artifacts() -> None:
+        for i in range(tasks):
+            create_table_artifact([{"statistic": f"s{j}", "value": j / 3} for j in range(12)], key=f"bench-table-{i}")
+
+    @flow(persist_result=False)
+    def with_logs() -> None:
+        for i in range(tasks):
+            get_run_logger().info("line %d: %s", i, {"prompts": 6, "responses": 36})
+
+    server = [p for p in psutil.Process().children(recursive=True) if "uvicorn" in " ".join(p.cmdline())]
+    after_s = 2.0
+
+    def server_cpu() -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in server)
+
+    def best(fn) -> tuple[float, float]:
+        walls, cpus = [], []
+        for _ in range(repeats):
+            settle()
+            idle = server_cpu()
+            time.sleep(after_s)
+            idle = server_cpu() - idle
+            cpu, start = server_cpu(), time.perf_counter()
+            fn()
+            walls.append(time.perf_counter() - start)
+            time.sleep(after_s)
+            cpus.append(server_cpu() - cpu - idle)
+        return min(walls), max(0.0, min(cpus))
+
     with local_flow_settings():
-        empty_s = best(empty)
-        return empty_s, (best(with_tasks) - empty_s) / tasks
+        costs = {"flow run": best(empty)}
+        base_wall, base_cpu = costs["flow run"]
+        for name, fn in (("task run", with_tasks), ("keyed table artifact", with_artifacts), ("log line", with_logs)):
+            wall, cpu = best(fn)
+            costs[name] = ((wall - base_wall) / tasks, (cpu - base_cpu) / tasks)
+        return costs
 
 
 def main() -> None:
@@ -272,9 +305,14 @@ def main() -> None:
     if not any(label.startswith("flow") for label in walls):
         return
     tasks = len(STAGES) + 1  # the stages and the report
-    per_flow, per_task = prefect_fixed_costs(tasks)
-    print(f"Prefect, measured on empty flows: {per_flow:.2f} s per flow run + {1000 * per_task:.0f} ms per task "
-          f"x {tasks} tasks = {per_flow + tasks * per_task:.2f} s")
+    costs = prefect_fixed_costs(tasks)
+    print("Prefect, measured on synthetic flows (minimum of 3; wall time in the flow, CPU time of the server's process):")
+    for name, (wall, cpu) in costs.items():
+        print(f"  {'an empty' if name == 'flow run' else 'one more'} {name}: {1000 * wall:.0f} ms wall, "
+              f"{1000 * cpu:.0f} ms of the server's CPU")
+    (flow_wall, flow_cpu), (task_wall, task_cpu) = costs["flow run"], costs["task run"]
+    print(f"  a flow run with {tasks} task runs: {flow_wall + tasks * task_wall:.2f} s wall, "
+          f"{flow_cpu + tasks * task_cpu:.2f} s of the server's CPU")
 
 
 if __name__ == "__main__":
