@@ -49,6 +49,7 @@ for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "LANCE_LO
 
 import contextlib
 
+import numpy as np
 import yaml
 
 from ampo import stages
@@ -240,6 +241,10 @@ def prefect_fixed_costs(tasks: int, repeats: int = 3) -> dict[str, tuple[float, 
         return costs
 
 
+def median_wall(rounds: list[tuple[float, dict]]) -> float:
+    return float(np.median([wall for wall, _ in rounds]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arms", default="plain-before,plain,flow-before,flow",
@@ -292,15 +297,20 @@ def main() -> None:
         print(f"\n{label}: wall {wall:.2f} s, stages {inside:.2f} s, outside the stages {wall - inside:.2f} s "
               f"= {100 * (wall - inside) / wall:.1f}%" + (f" (median of {len(runs[label])}: {every} s)"
                                                            if len(runs[label]) > 1 else ""))  # fmt: skip
+        if len(runs[label]) > 1:
+            print(f"  wall times: median {median_wall(runs[label]):.2f} s of "
+                  + " ".join(f"{w:.2f}" for w, _ in runs[label]))  # fmt: skip
     walls = {label: (wall, wall - sum(stages.values())) for label, wall, stages in rows}
     for now, was in (("plain", "plain-before"), ("flow", "flow-before")):
         if now in walls and was in walls:
             print(f"{now}: outside the stages {walls[now][1]:.2f} s vs {walls[was][1]:.2f} s before = "
-                  f"{walls[now][1] / walls[was][1]:.2f}x")
+                  f"{walls[now][1] / walls[was][1]:.2f}x; median wall time {median_wall(runs[now]):.2f} s vs "
+                  f"{median_wall(runs[was]):.2f} s = {median_wall(runs[now]) / median_wall(runs[was]):.2f}x")
     if "plain" in walls and "flow" in walls:  # seconds outside the stages: steadier than wall times on a shared machine
         cost = walls["flow"][1] - walls["plain"][1]
-        print(f"Prefect's own cost (flow minus plain, outside the stages): {cost:.2f} s; in wall time "
-              f"{walls['flow'][0] - walls['plain'][0]:.2f} s (its server, a process of its own, also slows the stages)")
+        print(f"Prefect's own cost (flow minus plain, outside the stages): {cost:.2f} s; in median wall time "
+              f"{median_wall(runs['flow']) - median_wall(runs['plain']):.2f} s (its server is a process of its own, "
+              f"and its threads share this one: both also slow the stages)")
     print(f"load_avg_1m={os.getloadavg()[0]:.1f}")
     if not any(label.startswith("flow") for label in walls):
         return
