@@ -64,7 +64,7 @@ def report(config: RunConfig, run_id: str, round_: int, plots: bool = False) -> 
     return the file paths. The round's tables are published when their stages end (StageTables)."""
     from prefect.artifacts import create_markdown_artifact
 
-    files = stages.write_round_report(config, run_id, round_, plots=plots)
+    files = stages.write_round_report(config, run_id, round_, plots=plots, tables=False)
     key = artifact_key(run_id, round_)
     artifacts = [(create_markdown_artifact, files["markdown_text"], f"{key}-summary", "round summary")]
     if files["plots"]:
@@ -74,23 +74,20 @@ def report(config: RunConfig, run_id: str, round_: int, plots: bool = False) -> 
 
 
 def selection_artifacts(key: str, selection: dict) -> list[tuple]:
-    """The selection statistics and (when a group was selected) the selected group per prompt, as table artifacts
-    (function, data, key, description) of the round whose artifact key is `key` (selection: stages.selection_report)."""
+    """The selection statistics and the selected group per prompt (an empty table when none was selected: each run of
+    the round replaces what an earlier attempt published under the key), as table artifacts (function, data, key,
+    description) of the round whose artifact key is `key` (selection: stages.selection_report)."""
     from prefect.artifacts import create_table_artifact
 
-    artifacts = [(create_table_artifact, selection["table"], f"{key}-selection", "selection statistics")]
-    if selection["rows"]:
-        artifacts.append((create_table_artifact, selection["rows"], f"{key}-groups",
-                          "selected group per prompt: chosen and rejected rewards, excerpts"))  # fmt: skip
-    return artifacts
+    return [(create_table_artifact, selection["table"], f"{key}-selection", "selection statistics"),
+            (create_table_artifact, selection["rows"], f"{key}-groups",
+             "selected group per prompt: chosen and rejected rewards, excerpts")]  # fmt: skip
 
 
 def evaluation_artifacts(key: str, metrics: dict) -> list[tuple]:
-    """The evaluation metrics (the evaluate stage's record) as a table artifact; none without metrics."""
+    """The evaluation metrics (the evaluate stage's record) as a table artifact."""
     from prefect.artifacts import create_table_artifact
 
-    if not metrics:
-        return []
     return [(create_table_artifact, metric_rows(metrics), f"{key}-evaluation", "evaluation metrics: champion vs candidate")]
 
 
@@ -100,9 +97,9 @@ class StageTables:
     after `evaluate` (from its record). On the round's critical path they cost nothing but their submission; each job
     runs in a copy of the flow run's context (its ids and API client), so the artifacts belong to the flow run.
 
-    Leaving the block waits for every job; on a clean exit the first job's error is raised (the round is not marked
-    reported, so the next run resumes it and publishes again), while an exception already leaving the block is kept
-    and the jobs' errors are logged."""
+    Leaving the block waits for every job and logs each job's error in the flow run's log; on a clean exit the first
+    is then raised (the round is not marked reported, so the next run resumes it and publishes again), while an
+    exception already leaving the block is kept."""
 
     STAGES = ("select", "evaluate")
 
@@ -130,10 +127,20 @@ class StageTables:
     def __exit__(self, exc_type, exc, tb) -> None:
         self._pool.shutdown(wait=True)
         errors = [job.exception() for job in self._jobs if job.exception() is not None]
+        for error in errors:
+            _run_logger().warning("round artifact not published: %s: %s", type(error).__name__, error)
         if errors and exc is None:
             raise errors[0]
-        for error in errors:
-            logging.getLogger(__name__).warning("round artifact not published: %s: %s", type(error).__name__, error)
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The flow or task run's logger (its lines reach the run's log in the UI); this module's outside a run."""
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
 
 
 def publish_concurrently(artifacts: list[tuple]) -> None:

@@ -151,7 +151,7 @@ def _stage_tables(monkeypatch, fail: str | None = None):
     def publish(artifacts):
         off_path = started.wait(5)  # False if stage_done waited for the publication (the round's path)
         keys = [key for _, _, key, _ in artifacts]
-        seen.append((keys, where.get(), off_path))
+        seen.append((keys, where.get(), off_path, [data for _, data, _, _ in artifacts]))
         if fail and any(key.endswith(fail) for key in keys):
             raise OSError(f"server refused {fail}")
 
@@ -170,16 +170,19 @@ def test_stage_tables_publish_after_select_and_evaluate_in_the_flow_context(monk
             metrics = {"win_rate": {"value": 0.5}} if name == "evaluate" else {}
             tables.stage_done(name, {"status": "done", "metrics": metrics})
             started.set()
-    # after select: the statistics only (no selected group, so no groups table); after evaluate: the metrics
-    assert sorted(seen) == [(["run-1-r3-evaluation"], "flow run", True), (["run-1-r3-selection"], "flow run", True)]
+    # after select: the statistics and the groups (an empty table: none selected, which replaces what an earlier
+    # attempt may have published under the key); after evaluate: the metrics
+    selection = [{"statistic": "selection/prompts", "value": 2, "store": "own store"}]
+    assert sorted(seen) == [(["run-1-r3-evaluation"], "flow run", True, [[{"metric": "win_rate.value", "value": 0.5}]]),
+                            (["run-1-r3-selection", "run-1-r3-groups"], "flow run", True, [selection, []])]
 
 
-def test_stage_tables_without_metrics_publish_no_evaluation(monkeypatch):
+def test_stage_tables_of_skipped_stages_publish_their_records(monkeypatch):
     tables, seen, _, started = _stage_tables(monkeypatch)
     started.set()
-    with tables:
-        tables.stage_done("evaluate", {"status": "done", "skipped": True})
-    assert seen == [([], "unset", True)]
+    with tables:  # a resumed round: evaluate finished in an earlier flow run; its record still holds the metrics
+        tables.stage_done("evaluate", {"status": "done", "skipped": True, "metrics": {"n_prompts": 6}})
+    assert seen == [(["run-1-r3-evaluation"], "unset", True, [[{"metric": "n_prompts", "value": 6}]])]
 
 
 def test_a_failed_publication_fails_the_round_only_when_the_round_itself_did_not(monkeypatch, caplog):
@@ -187,9 +190,10 @@ def test_a_failed_publication_fails_the_round_only_when_the_round_itself_did_not
     started.set()
     with pytest.raises(OSError, match="server refused selection"), tables:  # raised when leaving the block
         tables.stage_done("select", {})
+    assert caplog.text.count("round artifact not published: OSError: server refused selection") == 1
     tables, _, _, started = _stage_tables(monkeypatch, fail="selection")
     started.set()
     with pytest.raises(RuntimeError, match="train crashed"), tables:  # the round's own error wins; theirs is logged
         tables.stage_done("select", {})
         raise RuntimeError("train crashed")
-    assert "round artifact not published: OSError: server refused selection" in caplog.text
+    assert caplog.text.count("round artifact not published: OSError: server refused selection") == 2

@@ -28,15 +28,17 @@ def is_reported(cfg: RunConfig, run: str, round_: int) -> bool:
     return (round_dir(cfg, run, round_) / "report" / REPORTED).is_file()
 
 
-def write_round_report(cfg: RunConfig, run: str, round_: int, *, plots: bool = True) -> dict:
+def write_round_report(cfg: RunConfig, run: str, round_: int, *, plots: bool = True, tables: bool = True) -> dict:
     """Write summary.md and (with `plots`) the PNG plots for (run, round); return their paths, the summary text,
-    the selection statistics, one row per selected prompt (report.selection_rows) and the evaluation metrics."""
+    the selection statistics, one row per selected prompt (report.selection_rows) and the evaluation metrics.
+    tables=False: without the statistics and rows (empty lists), whose prompt and response texts are then not read
+    (the round's flow publishes them when select ends: selection_report)."""
     store = open_store(cfg)
     out = round_dir(cfg, run, round_) / "report"
     out.mkdir(parents=True, exist_ok=True)
     stages = store.stage_status(run, round_)
-    scored = _scored_rows(store, run, round_, vectors=plots)  # the vectors for the embedding map only
-    selection = _selection(scored)
+    scored = _scored_rows(store, run, round_, vectors=plots, texts=tables)  # the vectors for the embedding map only
+    selection = _selection(scored, tables=tables)
     decision = (stages.get("promote") or {}).get("gate")
     markdown = report.markdown_summary(run, round_, stages, selection["stats"], decision)
     (out / "summary.md").write_text(markdown)
@@ -61,26 +63,28 @@ def write_round_report(cfg: RunConfig, run: str, round_: int, *, plots: bool = T
 def selection_report(store: Store, run: str, round_: int) -> dict:
     """The round's selection as its report shows it, read from `store`: "table", the selection statistics as
     {"statistic", "value"} rows, and "rows", one row per selected prompt (report.selection_rows)."""
-    selection = _selection(_scored_rows(store, run, round_, vectors=False))
+    selection = _selection(_scored_rows(store, run, round_, vectors=False, texts=True), tables=True)
     return {"table": selection["table"], "rows": selection["rows"]}
 
 
-def _scored_rows(store: Store, run: str, round_: int, *, vectors: bool) -> pa.Table:
-    columns = ["prompt_id", "prompt", "response", "reward", "role"] + (["vector"] if vectors else [])
+def _scored_rows(store: Store, run: str, round_: int, *, vectors: bool, texts: bool) -> pa.Table:
+    columns = ["prompt_id", "reward", "role"] + (["prompt", "response"] if texts else []) + (["vector"] if vectors else [])
     rows = store.read_rows(run, round_, columns)
     return rows.filter(rows["reward"].is_valid())
 
 
-def _selection(scored: pa.Table) -> dict:
+def _selection(scored: pa.Table, *, tables: bool) -> dict:
     prompt_ids = np.asarray(scored["prompt_id"].to_pylist(), dtype=object)
     rewards = scored["reward"].to_numpy(zero_copy_only=False).astype(float)
     roles = np.asarray(scored["role"].to_pylist(), dtype=object)
     offsets = prompt_offsets(prompt_ids)  # (P+1,)
     stats = report.selection_stats(offsets, rewards, roles)
+    table = [{"statistic": k, "value": v} for k, v in stats.items()] if tables else []
     per_prompt = report.selection_rows(offsets, prompt_ids, np.asarray(scored["prompt"].to_pylist(), dtype=object),
-                                       np.asarray(scored["response"].to_pylist(), dtype=object), rewards, roles)
-    return {"stats": stats, "table": [{"statistic": k, "value": v} for k, v in stats.items()], "rows": per_prompt,
-            "prompt_ids": prompt_ids, "rewards": rewards, "roles": roles}
+                                       np.asarray(scored["response"].to_pylist(), dtype=object), rewards,
+                                       roles) if tables else []  # fmt: skip
+    return {"stats": stats, "table": table, "rows": per_prompt, "prompt_ids": prompt_ids, "rewards": rewards,
+            "roles": roles}
 
 
 def rounds_history(cfg: RunConfig, run: str) -> list[dict]:
