@@ -94,8 +94,9 @@ def evaluation_artifacts(key: str, metrics: dict) -> list[tuple]:
 class StageTables:
     """The round's tables, published as Prefect artifacts when their stages end, on a thread, while the next stages
     run: the selection statistics and groups after `select` (read through a Store of its own), the evaluation metrics
-    after `evaluate` (from its record). On the round's critical path they cost nothing but their submission; each job
-    runs in a copy of the flow run's context (its ids and API client), so the artifacts belong to the flow run.
+    after `evaluate` (from its record). The round waits only for their submission; their work runs beside the next
+    stages (on a machine without a core to spare it slows them: docs/deployments.md). Each job runs in a copy of the
+    flow run's context (its ids and API client), so the artifacts belong to the flow run.
 
     Leaving the block waits for every job and logs each job's error in the flow run's log; on a clean exit the first
     is then raised (the round is not marked reported, so the next run resumes it and publishes again), while an
