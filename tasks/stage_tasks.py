@@ -148,8 +148,6 @@ def publish_concurrently(artifacts: list[tuple]) -> None:
     """Create the artifacts (function, data, key, description) at the same time, each in this thread's context (one
     copy per thread: the run's ids and its API client); one request's latency instead of the sum. The first error
     is raised once all have ended."""
-    if not artifacts:
-        return
     with ThreadPoolExecutor(max_workers=len(artifacts)) as pool:
         jobs = [pool.submit(contextvars.copy_context().run, create, data, key=key, description=description)
                 for create, data, key, description in artifacts]  # fmt: skip

@@ -22,8 +22,7 @@ def open_store(cfg: RunConfig, *, must_exist: bool = False) -> Store:
     A local `store.uri` that is a file is an error; so is a missing store with `must_exist` (commands that only
     read never create a store): a missing folder, or an object-store URI holding no `rounds` table.
     """
-    uri = cfg.store.uri
-    options = tuple(sorted(storage_option_strings(cfg.store.storage_options).items()))
+    uri, options = cfg.store.uri, _storage_options(cfg)
     if not cfg.store.is_remote:
         path = Path(uri.removeprefix("file://"))
         if path.exists() and not path.is_dir():
@@ -39,8 +38,11 @@ def open_store(cfg: RunConfig, *, must_exist: bool = False) -> Store:
 def own_store(cfg: RunConfig) -> Store:
     """A Store object of its own for the config's store (not the one `open_store` shares in the process): for reads on
     another thread while the round's stages write through the shared one. Opening it costs about 10 ms."""
-    return Store(cfg.store.uri, cfg.embedding.dim, storage_options=storage_option_strings(cfg.store.storage_options)
-                 or None)  # fmt: skip
+    return _store.__wrapped__(cfg.store.uri, cfg.embedding.dim, _storage_options(cfg))
+
+
+def _storage_options(cfg: RunConfig) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(storage_option_strings(cfg.store.storage_options).items()))
 
 
 @lru_cache(maxsize=8)
